@@ -1,0 +1,250 @@
+//! Record and map value types shared by the BPF programs and userspace.
+//!
+//! Every type is `#[repr(C)]` with explicit padding, because the BPF side
+//! writes it into maps and the ring buffer and userspace reads the same bytes.
+//! [`LoopThread::accrue`] is shared too, so the kernel's accounting of an
+//! ended iteration and userspace's view of an ongoing one are the same code.
+#![no_std]
+
+/// Length of a task name, `TASK_COMM_LEN` in `include/linux/sched.h`.
+pub const TASK_COMM_LEN: usize = 16;
+
+/// Number of per-syscall slots kept for the blocked time of one iteration.
+pub const SYSCALL_SLOTS: usize = 8;
+
+/// Syscall number for time blocked outside any syscall (a page fault, for one).
+pub const SYSCALL_NONE: i32 = -1;
+/// Syscall number for time in syscalls that found no free slot.
+pub const SYSCALL_OTHER: i32 = -2;
+
+/// Where a tracked thread is, as far as the scheduler events show.
+pub mod run_state {
+    /// On a CPU.
+    pub const RUNNING: u8 = 0;
+    /// Preempted or woken, waiting on a run queue.
+    pub const RUNNABLE: u8 = 1;
+    /// Sleeping until something wakes it.
+    pub const BLOCKED: u8 = 2;
+}
+
+/// Kinds of ring-buffer record.
+pub mod record_kind {
+    /// A loop iteration ended past the threshold when the thread entered its wait again.
+    pub const STALL_END: u32 = 1;
+    /// A thread exited in the middle of an iteration that was past the threshold.
+    pub const THREAD_EXIT: u32 = 2;
+}
+
+/// Indexes of the per-CPU counters in the `COUNTERS` map.
+pub mod counter {
+    /// Records lost because the ring buffer had no room.
+    pub const RINGBUF_DROPS: u32 = 0;
+    /// Loop threads not tracked because the thread map was full.
+    pub const THREAD_MAP_FULL: u32 = 1;
+    /// Number of counters.
+    pub const COUNT: u32 = 2;
+}
+
+/// Wall time of one iteration, split by what the thread was doing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Breakdown {
+    pub on_cpu_ns: u64,
+    pub runqueue_ns: u64,
+    pub steal_ns: u64,
+    pub throttled_ns: u64,
+    pub futex_ns: u64,
+    pub syscall_ns: u64,
+}
+
+impl Breakdown {
+    /// Returns the sum of all shares.
+    pub fn total_ns(&self) -> u64 {
+        let Self {
+            on_cpu_ns,
+            runqueue_ns,
+            steal_ns,
+            throttled_ns,
+            futex_ns,
+            syscall_ns,
+        } = *self;
+        on_cpu_ns + runqueue_ns + steal_ns + throttled_ns + futex_ns + syscall_ns
+    }
+}
+
+/// Blocked time inside one syscall number.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyscallTime {
+    /// Syscall number, or [`SYSCALL_NONE`] / [`SYSCALL_OTHER`]. A slot with `ns == 0` is free.
+    pub nr: i32,
+    pub _pad: u32,
+    pub ns: u64,
+}
+
+/// State of one loop thread, the value of the `THREADS` map keyed by TID.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct LoopThread {
+    /// Thread group ID, the process ID that users see.
+    pub pid: u32,
+    /// Thread ID.
+    pub tid: u32,
+    /// When the current iteration began (the return of the wait), or 0 inside the wait.
+    pub iteration_start_ns: u64,
+    /// When `breakdown` was last brought up to date.
+    pub accounted_until_ns: u64,
+    /// Number of iterations started since tracking began.
+    pub iteration: u64,
+    /// Current syscall number, or [`SYSCALL_NONE`].
+    pub syscall_nr: i32,
+    /// One of the [`run_state`] values.
+    pub run_state: u8,
+    /// 1 between the enter and exit of a futex wait syscall.
+    pub in_futex: u8,
+    pub _pad: [u8; 2],
+    /// Futex word address of the current or last futex syscall.
+    pub futex_uaddr: u64,
+    pub breakdown: Breakdown,
+    pub syscalls: [SyscallTime; SYSCALL_SLOTS],
+    pub comm: [u8; TASK_COMM_LEN],
+}
+
+impl LoopThread {
+    /// Returns the state of a thread first seen entering its wait at `now_ns`.
+    pub const fn new(pid: u32, tid: u32, now_ns: u64) -> Self {
+        Self {
+            pid,
+            tid,
+            iteration_start_ns: 0,
+            accounted_until_ns: now_ns,
+            iteration: 0,
+            syscall_nr: SYSCALL_NONE,
+            run_state: run_state::RUNNING,
+            in_futex: 0,
+            _pad: [0; 2],
+            futex_uaddr: 0,
+            breakdown: Breakdown {
+                on_cpu_ns: 0,
+                runqueue_ns: 0,
+                steal_ns: 0,
+                throttled_ns: 0,
+                futex_ns: 0,
+                syscall_ns: 0,
+            },
+            syscalls: [SyscallTime { nr: 0, _pad: 0, ns: 0 }; SYSCALL_SLOTS],
+            comm: [0; TASK_COMM_LEN],
+        }
+    }
+
+    /// Returns true between the return of the wait and the next entry.
+    pub fn in_iteration(&self) -> bool {
+        self.iteration_start_ns != 0
+    }
+
+    /// Adds the time since `accounted_until_ns` to the share of the current run state.
+    ///
+    /// Outside an iteration only the clock moves. A `now_ns` older than the last
+    /// update (two CPUs racing on one thread) adds nothing.
+    #[inline(always)]
+    pub fn accrue(&mut self, now_ns: u64) {
+        let elapsed = now_ns.saturating_sub(self.accounted_until_ns);
+        if now_ns > self.accounted_until_ns {
+            self.accounted_until_ns = now_ns;
+        }
+        if !self.in_iteration() || elapsed == 0 {
+            return;
+        }
+        match self.run_state {
+            run_state::RUNNING => self.breakdown.on_cpu_ns += elapsed,
+            run_state::RUNNABLE => self.breakdown.runqueue_ns += elapsed,
+            _ if self.in_futex != 0 => self.breakdown.futex_ns += elapsed,
+            _ => {
+                self.breakdown.syscall_ns += elapsed;
+                self.add_syscall_time(self.syscall_nr, elapsed);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn add_syscall_time(&mut self, nr: i32, elapsed: u64) {
+        let mut free = SYSCALL_SLOTS;
+        for i in 0..SYSCALL_SLOTS {
+            let slot = &mut self.syscalls[i];
+            if slot.ns != 0 && slot.nr == nr {
+                slot.ns += elapsed;
+                return;
+            }
+            if slot.ns == 0 && free == SYSCALL_SLOTS {
+                free = i;
+            }
+        }
+        // The last slot is kept for SYSCALL_OTHER, so a full table still adds up.
+        if free < SYSCALL_SLOTS - 1 {
+            self.syscalls[free] = SyscallTime { nr, _pad: 0, ns: elapsed };
+            return;
+        }
+        let last = &mut self.syscalls[SYSCALL_SLOTS - 1];
+        last.nr = SYSCALL_OTHER;
+        last.ns += elapsed;
+    }
+
+    /// Starts a new iteration at `now_ns`: the thread has just returned from its wait.
+    #[inline(always)]
+    pub fn begin_iteration(&mut self, now_ns: u64) {
+        self.iteration_start_ns = now_ns;
+        self.accounted_until_ns = now_ns;
+        self.iteration += 1;
+        self.run_state = run_state::RUNNING;
+        self.breakdown = Breakdown::default();
+        self.syscalls = [SyscallTime::default(); SYSCALL_SLOTS];
+    }
+}
+
+/// Byte offsets of the tracepoint fields the BPF programs read.
+///
+/// Userspace fills this from the `format` files under tracefs at start-up,
+/// because field offsets may move between kernel versions.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TracepointLayout {
+    /// `sched:sched_switch` `prev_pid` (pid_t).
+    pub switch_prev_pid: u32,
+    /// `sched:sched_switch` `prev_state` (long).
+    pub switch_prev_state: u32,
+    /// `sched:sched_switch` `next_pid` (pid_t).
+    pub switch_next_pid: u32,
+    /// `sched:sched_wakeup` `pid` (pid_t).
+    pub wakeup_pid: u32,
+    /// `sched:sched_wakeup_new` `pid` (pid_t).
+    pub wakeup_new_pid: u32,
+    /// `raw_syscalls:sys_enter` `id` (long).
+    pub sys_enter_id: u32,
+    /// `syscalls:sys_enter_futex` `uaddr` (pointer).
+    pub futex_uaddr: u32,
+    /// `syscalls:sys_enter_futex_wait` `uaddr` (pointer).
+    pub futex_wait_uaddr: u32,
+}
+
+/// One ring-buffer record: a snapshot of a loop thread when its stall ended.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct StallRecord {
+    /// One of the [`record_kind`] values.
+    pub kind: u32,
+    pub _pad: u32,
+    /// When the stall ended (`bpf_ktime_get_ns`, CLOCK_MONOTONIC).
+    pub end_ns: u64,
+    /// The thread's state, accounted up to `end_ns`.
+    pub thread: LoopThread,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all fields are integers or arrays of them and the padding is explicit.
+    unsafe impl aya::Pod for super::LoopThread {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::StallRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TracepointLayout {}
+}

@@ -1,0 +1,444 @@
+//! The aggregator: a pure state machine from records to stalls.
+//!
+//! Records come from the live ring buffer and map scans, or from a capture
+//! file; the aggregator cannot tell which, so a capture replays to the same
+//! stalls. It keeps one [`Stall`] per loop iteration that passed the
+//! threshold, open while the iteration lasts and closed when it ends.
+
+use std::collections::HashMap;
+
+use tracer_common::{record_kind, Breakdown, LoopThread, StallRecord, SYSCALL_SLOTS};
+
+/// One input of the aggregator.
+#[derive(Clone, Copy, Debug)]
+pub enum Record {
+    /// An iteration ended past the threshold (sent by the BPF programs).
+    Stall(StallRecord),
+    /// A loop thread in the middle of an iteration, read from the thread map at `now_ns`.
+    Snapshot { now_ns: u64, thread: LoopThread },
+    /// The end of one map scan, with the kernel's loss counters at `now_ns`.
+    Tick {
+        now_ns: u64,
+        drops: u64,
+        untracked_threads: u64,
+    },
+}
+
+/// How a stall ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndedBy {
+    /// The loop thread entered its wait again.
+    Wait,
+    /// The thread exited during the stall.
+    Exit,
+    /// The thread left the iteration but its end record was lost (see `drops`).
+    Lost,
+}
+
+/// One loop iteration that ran past the threshold.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stall {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    /// Iteration number of the thread, unique per thread.
+    pub iteration: u64,
+    /// CLOCK_MONOTONIC time when the iteration began.
+    pub start_ns: u64,
+    pub duration_ns: u64,
+    /// `None` while the stall lasts.
+    pub ended_by: Option<EndedBy>,
+    pub breakdown: Breakdown,
+    /// Blocked time by syscall number, largest first.
+    pub syscalls: Vec<(i32, u64)>,
+    /// Time of the newest record about this stall.
+    updated_ns: u64,
+}
+
+impl Stall {
+    fn from_thread(thread: &LoopThread, end_ns: u64, ended_by: Option<EndedBy>) -> Self {
+        let mut syscalls: Vec<(i32, u64)> = thread
+            .syscalls
+            .iter()
+            .take(SYSCALL_SLOTS)
+            .filter(|slot| slot.ns != 0)
+            .map(|slot| (slot.nr, slot.ns))
+            .collect();
+        syscalls.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        Self {
+            pid: thread.pid,
+            tid: thread.tid,
+            comm: comm_to_string(&thread.comm),
+            iteration: thread.iteration,
+            start_ns: thread.iteration_start_ns,
+            duration_ns: end_ns.saturating_sub(thread.iteration_start_ns),
+            ended_by,
+            breakdown: thread.breakdown,
+            syscalls,
+            updated_ns: end_ns,
+        }
+    }
+
+    /// Returns true while the stall lasts.
+    pub fn ongoing(&self) -> bool {
+        self.ended_by.is_none()
+    }
+}
+
+/// Converts a NUL-padded task name to a string.
+pub fn comm_to_string(comm: &[u8]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+/// What changed after one record, by index into [`Aggregator::stalls`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A stall was seen for the first time while it lasts.
+    Detected(usize),
+    /// A stall ended. It may not have been detected before.
+    Ended(usize),
+}
+
+/// Stalls found so far, and the loss counters.
+#[derive(Debug)]
+pub struct Aggregator {
+    threshold_ns: u64,
+    stalls: Vec<Stall>,
+    /// Open stalls by (TID, iteration).
+    open: HashMap<(u32, u64), usize>,
+    first_ns: Option<u64>,
+    last_ns: u64,
+    previous_tick_ns: u64,
+    drops: u64,
+    untracked_threads: u64,
+}
+
+impl Aggregator {
+    pub fn new(threshold_ns: u64) -> Self {
+        Self {
+            threshold_ns,
+            stalls: Vec::new(),
+            open: HashMap::new(),
+            first_ns: None,
+            last_ns: 0,
+            previous_tick_ns: 0,
+            drops: 0,
+            untracked_threads: 0,
+        }
+    }
+
+    pub fn threshold_ns(&self) -> u64 {
+        self.threshold_ns
+    }
+
+    /// Stalls in the order they were first seen.
+    pub fn stalls(&self) -> &[Stall] {
+        &self.stalls
+    }
+
+    /// Records lost because the ring buffer was full.
+    pub fn drops(&self) -> u64 {
+        self.drops
+    }
+
+    /// Loop threads that could not be tracked because the thread map was full.
+    pub fn untracked_threads(&self) -> u64 {
+        self.untracked_threads
+    }
+
+    /// Returns the time from the first to the last record.
+    pub fn duration_ns(&self) -> u64 {
+        self.first_ns.map_or(0, |first| self.last_ns.saturating_sub(first))
+    }
+
+    /// Applies one record and returns what changed.
+    pub fn push(&mut self, record: &Record) -> Vec<Event> {
+        match record {
+            Record::Stall(stall) => {
+                self.observe_time(stall.end_ns);
+                let ended_by = if stall.kind == record_kind::THREAD_EXIT {
+                    EndedBy::Exit
+                } else {
+                    EndedBy::Wait
+                };
+                self.end(&stall.thread, stall.end_ns, ended_by)
+            }
+            Record::Snapshot { now_ns, thread } => {
+                self.observe_time(*now_ns);
+                self.snapshot(thread, *now_ns)
+            }
+            Record::Tick {
+                now_ns,
+                drops,
+                untracked_threads,
+            } => {
+                self.observe_time(*now_ns);
+                self.drops = *drops;
+                self.untracked_threads = *untracked_threads;
+                let events = self.close_stale();
+                self.previous_tick_ns = *now_ns;
+                events
+            }
+        }
+    }
+
+    fn observe_time(&mut self, now_ns: u64) {
+        self.first_ns.get_or_insert(now_ns);
+        self.last_ns = self.last_ns.max(now_ns);
+    }
+
+    fn snapshot(&mut self, thread: &LoopThread, now_ns: u64) -> Vec<Event> {
+        if !thread.in_iteration() {
+            return Vec::new();
+        }
+        let mut thread = *thread;
+        thread.accrue(now_ns);
+        // The BPF side may have accounted past `now_ns` since the clock was read.
+        let end_ns = thread.accounted_until_ns;
+        if end_ns.saturating_sub(thread.iteration_start_ns) < self.threshold_ns {
+            return Vec::new();
+        }
+        let stall = Stall::from_thread(&thread, end_ns, None);
+        match self.open.get(&(thread.tid, thread.iteration)) {
+            Some(&index) => {
+                self.stalls[index] = stall;
+                Vec::new()
+            }
+            None => {
+                let index = self.stalls.len();
+                self.stalls.push(stall);
+                self.open.insert((thread.tid, thread.iteration), index);
+                vec![Event::Detected(index)]
+            }
+        }
+    }
+
+    fn end(&mut self, thread: &LoopThread, end_ns: u64, ended_by: EndedBy) -> Vec<Event> {
+        let stall = Stall::from_thread(thread, end_ns, Some(ended_by));
+        let index = match self.open.remove(&(thread.tid, thread.iteration)) {
+            Some(index) => {
+                self.stalls[index] = stall;
+                index
+            }
+            None => {
+                self.stalls.push(stall);
+                self.stalls.len() - 1
+            }
+        };
+        vec![Event::Ended(index)]
+    }
+
+    /// Closes open stalls that no scan has seen since the tick before the last:
+    /// their thread left the iteration but the end record never came.
+    fn close_stale(&mut self) -> Vec<Event> {
+        let cutoff = self.previous_tick_ns;
+        let mut stale: Vec<((u32, u64), usize)> = self
+            .open
+            .iter()
+            .filter(|(_, &index)| self.stalls[index].updated_ns < cutoff)
+            .map(|(&key, &index)| (key, index))
+            .collect();
+        stale.sort_by_key(|&(_, index)| index);
+        stale
+            .into_iter()
+            .map(|(key, index)| {
+                self.open.remove(&key);
+                self.stalls[index].ended_by = Some(EndedBy::Lost);
+                Event::Ended(index)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracer_common::{run_state, SyscallTime};
+
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+    const THRESHOLD: u64 = 50 * MS;
+
+    fn thread(iteration: u64, start_ns: u64) -> LoopThread {
+        let mut thread = LoopThread::new(100, 101, start_ns);
+        thread.begin_iteration(start_ns);
+        thread.iteration = iteration;
+        thread.comm[..4].copy_from_slice(b"loop");
+        thread
+    }
+
+    fn ended(thread: LoopThread, end_ns: u64) -> Record {
+        Record::Stall(StallRecord {
+            kind: record_kind::STALL_END,
+            _pad: 0,
+            end_ns,
+            thread,
+        })
+    }
+
+    fn tick(now_ns: u64) -> Record {
+        Record::Tick {
+            now_ns,
+            drops: 0,
+            untracked_threads: 0,
+        }
+    }
+
+    #[test]
+    fn end_record_makes_one_stall() {
+        let mut aggregator = Aggregator::new(THRESHOLD);
+        let mut state = thread(1, 1000 * MS);
+        state.accrue(1200 * MS);
+
+        let events = aggregator.push(&ended(state, 1200 * MS));
+
+        assert_eq!(events, vec![Event::Ended(0)]);
+        let stall = &aggregator.stalls()[0];
+        assert_eq!(stall.duration_ns, 200 * MS);
+        assert_eq!(stall.breakdown.on_cpu_ns, 200 * MS);
+        assert_eq!(stall.ended_by, Some(EndedBy::Wait));
+        assert_eq!(stall.comm, "loop");
+    }
+
+    #[test]
+    fn snapshot_below_threshold_ignored() {
+        let mut aggregator = Aggregator::new(THRESHOLD);
+        let state = thread(1, 1000 * MS);
+
+        let events = aggregator.push(&Record::Snapshot { now_ns: 1040 * MS, thread: state });
+
+        assert!(events.is_empty());
+        assert!(aggregator.stalls().is_empty());
+    }
+
+    #[test]
+    fn snapshot_then_end_is_one_stall() {
+        let mut aggregator = Aggregator::new(THRESHOLD);
+        let mut state = thread(7, 1000 * MS);
+        state.run_state = run_state::BLOCKED;
+        state.syscall_nr = 230;
+
+        let detected = aggregator.push(&Record::Snapshot { now_ns: 1100 * MS, thread: state });
+        assert_eq!(detected, vec![Event::Detected(0)]);
+        assert!(aggregator.stalls()[0].ongoing());
+        assert_eq!(aggregator.stalls()[0].duration_ns, 100 * MS);
+        assert_eq!(aggregator.stalls()[0].breakdown.syscall_ns, 100 * MS);
+        assert_eq!(aggregator.stalls()[0].syscalls, vec![(230, 100 * MS)]);
+
+        state.accrue(1300 * MS);
+        let ended_events = aggregator.push(&ended(state, 1300 * MS));
+        assert_eq!(ended_events, vec![Event::Ended(0)]);
+        assert_eq!(aggregator.stalls().len(), 1);
+        assert_eq!(aggregator.stalls()[0].duration_ns, 300 * MS);
+        assert!(!aggregator.stalls()[0].ongoing());
+    }
+
+    #[test]
+    fn breakdown_adds_up_across_states() {
+        let start = 1000 * MS;
+        let mut state = thread(1, start);
+        state.accrue(start + 10 * MS);
+        state.run_state = run_state::RUNNABLE;
+        state.accrue(start + 30 * MS);
+        state.run_state = run_state::BLOCKED;
+        state.in_futex = 1;
+        state.accrue(start + 100 * MS);
+        state.in_futex = 0;
+        state.syscall_nr = 7;
+        state.accrue(start + 160 * MS);
+        state.run_state = run_state::RUNNING;
+        state.accrue(start + 170 * MS);
+
+        let b = state.breakdown;
+        assert_eq!(b.on_cpu_ns, 20 * MS);
+        assert_eq!(b.runqueue_ns, 20 * MS);
+        assert_eq!(b.futex_ns, 70 * MS);
+        assert_eq!(b.syscall_ns, 60 * MS);
+        assert_eq!(b.total_ns(), 170 * MS);
+        assert_eq!(state.syscalls[0], SyscallTime { nr: 7, _pad: 0, ns: 60 * MS });
+    }
+
+    #[test]
+    fn syscall_overflow_goes_to_other() {
+        let start = 1000 * MS;
+        let mut state = thread(1, start);
+        state.run_state = run_state::BLOCKED;
+        for nr in 0..12 {
+            state.syscall_nr = nr;
+            state.accrue(start + (nr as u64 + 1) * MS);
+        }
+        let total: u64 = state.syscalls.iter().map(|slot| slot.ns).sum();
+        assert_eq!(total, 12 * MS);
+        assert_eq!(state.syscalls[SYSCALL_SLOTS - 1].nr, tracer_common::SYSCALL_OTHER);
+        assert_eq!(state.syscalls[SYSCALL_SLOTS - 1].ns, 5 * MS);
+    }
+
+    #[test]
+    fn waiting_thread_accrues_nothing() {
+        let mut state = LoopThread::new(1, 2, 1000 * MS);
+        state.accrue(2000 * MS);
+        assert_eq!(state.breakdown.total_ns(), 0);
+        assert_eq!(state.accounted_until_ns, 2000 * MS);
+    }
+
+    #[test]
+    fn lost_end_record_closes_stall() {
+        let mut aggregator = Aggregator::new(THRESHOLD);
+        let state = thread(3, 1000 * MS);
+        aggregator.push(&Record::Snapshot { now_ns: 1100 * MS, thread: state });
+        assert!(aggregator.push(&tick(1100 * MS)).is_empty());
+
+        // The next two scans do not see the thread in that iteration any more.
+        assert!(aggregator.push(&tick(1300 * MS)).is_empty());
+        let events = aggregator.push(&tick(1500 * MS));
+
+        assert_eq!(events, vec![Event::Ended(0)]);
+        assert_eq!(aggregator.stalls()[0].ended_by, Some(EndedBy::Lost));
+    }
+
+    #[test]
+    fn ongoing_stall_stays_open_across_ticks() {
+        let mut aggregator = Aggregator::new(THRESHOLD);
+        let state = thread(3, 1000 * MS);
+        for step in 1..10 {
+            let now_ns = 1000 * MS + step * 200 * MS;
+            aggregator.push(&Record::Snapshot { now_ns, thread: state });
+            assert!(aggregator.push(&tick(now_ns)).is_empty());
+        }
+        assert_eq!(aggregator.stalls().len(), 1);
+        assert!(aggregator.stalls()[0].ongoing());
+        assert_eq!(aggregator.stalls()[0].duration_ns, 1800 * MS);
+        assert_eq!(aggregator.duration_ns(), 1600 * MS);
+    }
+
+    #[test]
+    fn thread_exit_ends_stall() {
+        let mut aggregator = Aggregator::new(THRESHOLD);
+        let mut state = thread(2, 1000 * MS);
+        state.accrue(1080 * MS);
+        let record = Record::Stall(StallRecord {
+            kind: record_kind::THREAD_EXIT,
+            _pad: 0,
+            end_ns: 1080 * MS,
+            thread: state,
+        });
+
+        aggregator.push(&record);
+
+        assert_eq!(aggregator.stalls()[0].ended_by, Some(EndedBy::Exit));
+        assert_eq!(aggregator.stalls()[0].duration_ns, 80 * MS);
+    }
+
+    #[test]
+    fn tick_updates_loss_counters() {
+        let mut aggregator = Aggregator::new(THRESHOLD);
+        aggregator.push(&Record::Tick {
+            now_ns: 5,
+            drops: 3,
+            untracked_threads: 2,
+        });
+        assert_eq!(aggregator.drops(), 3);
+        assert_eq!(aggregator.untracked_threads(), 2);
+    }
+}

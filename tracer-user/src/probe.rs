@@ -1,0 +1,173 @@
+//! Loading and attaching the BPF programs, and reading their maps.
+//!
+//! Dropping a [`Probe`] detaches every program: aya closes the links and
+//! program file descriptors, and the kernel frees what nothing else holds.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context as _, Result};
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+    Ebpf, EbpfLoader,
+};
+use tracer_common::{counter, LoopThread, TracepointLayout};
+
+/// The BPF object built by `build.rs` from `tracer-ebpf`.
+static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stalltrace"));
+
+/// Programs and the tracepoints each one is attached to.
+const ATTACHMENTS: &[(&str, &str, &[&str])] = &[
+    (
+        "loop_wait_enter",
+        "syscalls",
+        &["sys_enter_epoll_wait", "sys_enter_epoll_pwait", "sys_enter_epoll_pwait2"],
+    ),
+    (
+        "loop_wait_exit",
+        "syscalls",
+        &["sys_exit_epoll_wait", "sys_exit_epoll_pwait", "sys_exit_epoll_pwait2"],
+    ),
+    ("sched_switch", "sched", &["sched_switch"]),
+    ("sched_wakeup", "sched", &["sched_wakeup"]),
+    ("sched_wakeup_new", "sched", &["sched_wakeup_new"]),
+    ("sched_process_exit", "sched", &["sched_process_exit"]),
+    ("sys_enter", "raw_syscalls", &["sys_enter"]),
+    ("sys_exit", "raw_syscalls", &["sys_exit"]),
+    ("futex_enter", "syscalls", &["sys_enter_futex"]),
+    ("futex_wait_enter", "syscalls", &["sys_enter_futex_wait"]),
+    ("futex_waitv_enter", "syscalls", &["sys_enter_futex_waitv"]),
+    (
+        "futex_exit",
+        "syscalls",
+        &["sys_exit_futex", "sys_exit_futex_wait", "sys_exit_futex_waitv"],
+    ),
+];
+
+/// What the BPF programs are configured with at load time.
+pub struct ProbeConfig {
+    /// Processes in scope; empty for every process.
+    pub pids: Vec<u32>,
+    pub layout: TracepointLayout,
+    /// Offset of `task_struct.se.slice`, to read the kernel's slice.
+    pub task_slice_offset: Option<u32>,
+}
+
+/// The loaded and attached BPF programs.
+pub struct Probe {
+    ebpf: Ebpf,
+    attached: usize,
+}
+
+impl Probe {
+    /// Loads the programs with `config` and attaches every one of them.
+    pub fn attach(config: &ProbeConfig) -> Result<Self> {
+        let self_pid = std::process::id();
+        let filter: u8 = u8::from(!config.pids.is_empty());
+        let slice_offset = config.task_slice_offset.unwrap_or(0);
+        let mut ebpf = EbpfLoader::new()
+            .override_global("SELF_PID", &self_pid, true)
+            .override_global("FILTER_PIDS", &filter, true)
+            .override_global("LAYOUT", &config.layout, true)
+            .override_global("TASK_SLICE_OFFSET", &slice_offset, true)
+            .load(BPF_OBJECT)
+            .context("failed to load the BPF programs (is this kernel built with CONFIG_BPF_SYSCALL and BTF?)")?;
+
+        {
+            let mut targets: HashMap<&mut MapData, u32, u8> =
+                HashMap::try_from(ebpf.map_mut("TARGET_PIDS").context("map TARGET_PIDS missing")?)?;
+            for &pid in &config.pids {
+                targets
+                    .insert(pid, 1, 0)
+                    .with_context(|| format!("failed to add PID {pid} to the scope"))?;
+            }
+        }
+
+        let mut attached = 0;
+        for &(name, category, tracepoints) in ATTACHMENTS {
+            let program: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the BPF object"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("the kernel rejected BPF program {name}"))?;
+            for tracepoint in tracepoints {
+                program
+                    .attach(category, tracepoint)
+                    .with_context(|| format!("failed to attach {name} to tracepoint {category}:{tracepoint}"))?;
+                attached += 1;
+            }
+        }
+        tracing::info!(attached, "BPF programs attached");
+        Ok(Self { ebpf, attached })
+    }
+
+    /// Sets the threshold. Until it is set, the BPF programs send no stall.
+    pub fn set_threshold(&mut self, threshold_ns: u64) -> Result<()> {
+        let mut threshold: Array<&mut MapData, u64> =
+            Array::try_from(self.ebpf.map_mut("THRESHOLD_NS").context("map THRESHOLD_NS missing")?)?;
+        threshold.set(0, threshold_ns, 0).context("failed to set the threshold")?;
+        Ok(())
+    }
+
+    /// Returns the number of attached tracepoints.
+    pub fn attached(&self) -> usize {
+        self.attached
+    }
+
+    /// Takes the ring buffer that carries ended stalls.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self.ebpf.take_map("EVENTS").context("map EVENTS missing")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    /// Returns the ring-buffer drops and untracked threads, summed over CPUs.
+    pub fn counters(&self) -> Result<(u64, u64)> {
+        let counters: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("COUNTERS").context("map COUNTERS missing")?)?;
+        let sum = |index: u32| -> Result<u64> {
+            let values = counters
+                .get(&index, 0)
+                .with_context(|| format!("failed to read counter {index}"))?;
+            Ok(values.iter().sum())
+        };
+        Ok((sum(counter::RINGBUF_DROPS)?, sum(counter::THREAD_MAP_FULL)?))
+    }
+
+    /// Returns the state of every tracked loop thread that is inside an iteration.
+    pub fn threads_in_iteration(&self) -> Result<Vec<LoopThread>> {
+        let threads: HashMap<&MapData, u32, LoopThread> =
+            HashMap::try_from(self.ebpf.map("THREADS").context("map THREADS missing")?)?;
+        let mut found = Vec::new();
+        for entry in threads.iter() {
+            match entry {
+                Ok((_, thread)) if thread.in_iteration() => found.push(thread),
+                Ok(_) => {}
+                // An entry removed between two steps of the walk: the thread exited.
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(error) => return Err(error).context("failed to read map THREADS"),
+            }
+        }
+        Ok(found)
+    }
+
+    /// Waits up to `timeout` for the BPF side to read this process's scheduler slice.
+    pub async fn wait_for_own_slice(&self, timeout: Duration) -> Option<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let slice = Array::<&MapData, u64>::try_from(self.ebpf.map("SELF_SLICE")?)
+                .ok()?
+                .get(&0, 0)
+                .ok()?;
+            if slice != 0 {
+                return Some(slice);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            // Each sleep parks the runtime in epoll_wait, which is when the slice is read.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}

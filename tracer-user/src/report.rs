@@ -1,0 +1,277 @@
+//! The stall report: `report.json`, JSON lines and the live text lines.
+//!
+//! The JSON schema is documented in `docs/report.md`; change both together.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::Write as _,
+    path::Path,
+};
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+use tracer_common::Breakdown;
+
+use crate::{
+    aggregator::{Aggregator, EndedBy, Stall},
+    diagnosis::{ranked_shares, Verdict},
+    duration::Nanos,
+    kernel::syscall_name,
+};
+
+/// Version of the `report.json` schema.
+pub const REPORT_VERSION: u32 = 1;
+
+/// Contents of `report.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub version: u32,
+    pub threshold_ns: u64,
+    /// Time covered by the records, from the first to the last.
+    pub duration_ns: u64,
+    /// Records the BPF programs could not send because the ring buffer was full.
+    pub drops: u64,
+    /// Loop threads not followed because the thread map was full.
+    pub untracked_threads: u64,
+    /// True when the capture this report was made from ended in a partial record.
+    #[serde(default)]
+    pub capture_truncated: bool,
+    pub stalls: Vec<StallReport>,
+}
+
+/// One stall in `report.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StallReport {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    /// CLOCK_MONOTONIC nanoseconds when the iteration began.
+    pub start_ns: u64,
+    pub duration_ns: u64,
+    pub ongoing: bool,
+    /// `wait`, `exit` or `lost`, or null while ongoing.
+    pub ended_by: Option<String>,
+    pub verdict: Verdict,
+    pub breakdown_ns: BreakdownNs,
+    /// Blocked time by syscall name.
+    pub syscalls: BTreeMap<String, u64>,
+}
+
+/// The breakdown of a stall, keyed as in verdicts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakdownNs {
+    pub on_cpu: u64,
+    pub runqueue: u64,
+    pub steal: u64,
+    pub throttled: u64,
+    pub futex: u64,
+    pub syscall: u64,
+}
+
+impl From<&Breakdown> for BreakdownNs {
+    fn from(breakdown: &Breakdown) -> Self {
+        let Breakdown {
+            on_cpu_ns,
+            runqueue_ns,
+            steal_ns,
+            throttled_ns,
+            futex_ns,
+            syscall_ns,
+        } = *breakdown;
+        Self {
+            on_cpu: on_cpu_ns,
+            runqueue: runqueue_ns,
+            steal: steal_ns,
+            throttled: throttled_ns,
+            futex: futex_ns,
+            syscall: syscall_ns,
+        }
+    }
+}
+
+fn ended_by_key(ended_by: Option<EndedBy>) -> Option<String> {
+    ended_by.map(|ended_by| {
+        match ended_by {
+            EndedBy::Wait => "wait",
+            EndedBy::Exit => "exit",
+            EndedBy::Lost => "lost",
+        }
+        .to_owned()
+    })
+}
+
+impl From<&Stall> for StallReport {
+    fn from(stall: &Stall) -> Self {
+        let mut syscalls = BTreeMap::new();
+        for &(nr, ns) in &stall.syscalls {
+            *syscalls.entry(syscall_name(nr)).or_insert(0) += ns;
+        }
+        Self {
+            pid: stall.pid,
+            tid: stall.tid,
+            comm: stall.comm.clone(),
+            start_ns: stall.start_ns,
+            duration_ns: stall.duration_ns,
+            ongoing: stall.ongoing(),
+            ended_by: ended_by_key(stall.ended_by),
+            verdict: Verdict::of(&stall.breakdown),
+            breakdown_ns: BreakdownNs::from(&stall.breakdown),
+            syscalls,
+        }
+    }
+}
+
+impl Report {
+    /// Builds the report of everything the aggregator has seen.
+    pub fn from_aggregator(aggregator: &Aggregator, capture_truncated: bool) -> Self {
+        Self {
+            version: REPORT_VERSION,
+            threshold_ns: aggregator.threshold_ns(),
+            duration_ns: aggregator.duration_ns(),
+            drops: aggregator.drops(),
+            untracked_threads: aggregator.untracked_threads(),
+            capture_truncated,
+            stalls: aggregator.stalls().iter().map(StallReport::from).collect(),
+        }
+    }
+
+    /// Writes the report as `dir/report.json` through a temporary file and a
+    /// rename, so a reader never sees half a report.
+    pub fn write_to_dir(&self, dir: &Path) -> Result<()> {
+        let path = dir.join("report.json");
+        let temporary = dir.join(".report.json.tmp");
+        let json = serde_json::to_vec_pretty(self).context("failed to serialize the report")?;
+        let mut file = fs::File::create(&temporary)
+            .with_context(|| format!("failed to create {}", temporary.display()))?;
+        file.write_all(&json)
+            .and_then(|()| file.write_all(b"\n"))
+            .and_then(|()| file.sync_all())
+            .with_context(|| format!("failed to write {}", temporary.display()))?;
+        fs::rename(&temporary, &path)
+            .with_context(|| format!("failed to rename {} to {}", temporary.display(), path.display()))?;
+        Ok(())
+    }
+
+    /// Returns the summary line printed at the end of a run.
+    pub fn summary_line(&self) -> String {
+        let ongoing = self.stalls.iter().filter(|stall| stall.ongoing).count();
+        format!(
+            "{} stalls ({} ongoing) over {}, threshold {}, {} records dropped, {} threads untracked",
+            self.stalls.len(),
+            ongoing,
+            Nanos(self.duration_ns),
+            Nanos(self.threshold_ns),
+            self.drops,
+            self.untracked_threads
+        )
+    }
+}
+
+/// Formats one live line for a stall: thread, process, duration, verdict and top shares.
+pub fn stall_line(stall: &StallReport) -> String {
+    let state = if stall.ongoing {
+        "stalled".to_owned()
+    } else {
+        format!("ended ({})", stall.ended_by.as_deref().unwrap_or("?"))
+    };
+    let breakdown = breakdown_of(&stall.breakdown_ns);
+    let total = breakdown.total_ns().max(1);
+    let shares: Vec<String> = ranked_shares(&breakdown)
+        .into_iter()
+        .take(3)
+        .map(|(verdict, ns)| {
+            let mut share = format!("{} {}%", verdict.key(), ns * 100 / total);
+            if verdict == Verdict::Syscall {
+                if let Some((name, _)) = stall.syscalls.iter().max_by_key(|(_, &ns)| ns) {
+                    share.push_str(&format!(" ({name})"));
+                }
+            }
+            share
+        })
+        .collect();
+    format!(
+        "{state:<13} tid {} ({}) pid {}  {}  verdict {}  [{}]",
+        stall.tid,
+        stall.comm,
+        stall.pid,
+        Nanos(stall.duration_ns),
+        stall.verdict.key(),
+        shares.join(", ")
+    )
+}
+
+fn breakdown_of(shares: &BreakdownNs) -> Breakdown {
+    Breakdown {
+        on_cpu_ns: shares.on_cpu,
+        runqueue_ns: shares.runqueue,
+        steal_ns: shares.steal,
+        throttled_ns: shares.throttled,
+        futex_ns: shares.futex,
+        syscall_ns: shares.syscall,
+    }
+}
+
+/// One JSON line of `watch --json`.
+#[derive(Serialize)]
+pub struct JsonLine<'a> {
+    /// `detected` or `ended`.
+    pub event: &'a str,
+    pub stall: &'a StallReport,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sleeping_stall() -> StallReport {
+        StallReport {
+            pid: 10,
+            tid: 11,
+            comm: "redis-server".to_owned(),
+            start_ns: 5,
+            duration_ns: 300_000_000,
+            ongoing: false,
+            ended_by: Some("wait".to_owned()),
+            verdict: Verdict::Syscall,
+            breakdown_ns: BreakdownNs {
+                on_cpu: 3_000_000,
+                syscall: 297_000_000,
+                ..BreakdownNs::default()
+            },
+            syscalls: BTreeMap::from([("clock_nanosleep".to_owned(), 297_000_000)]),
+        }
+    }
+
+    #[test]
+    fn stall_line_names_syscall() {
+        let line = stall_line(&sleeping_stall());
+        assert!(line.starts_with("ended (wait)"), "{line}");
+        assert!(line.contains("tid 11 (redis-server) pid 10"), "{line}");
+        assert!(line.contains("300ms"), "{line}");
+        assert!(line.contains("syscall 99% (clock_nanosleep)"), "{line}");
+        assert!(line.contains("on_cpu 1%"), "{line}");
+    }
+
+    #[test]
+    fn report_round_trips_json() {
+        let report = Report {
+            version: REPORT_VERSION,
+            threshold_ns: 1,
+            duration_ns: 2,
+            drops: 3,
+            untracked_threads: 0,
+            capture_truncated: false,
+            stalls: vec![sleeping_stall()],
+        };
+        let dir = tempfile::tempdir().unwrap();
+
+        report.write_to_dir(dir.path()).unwrap();
+
+        let text = fs::read_to_string(dir.path().join("report.json")).unwrap();
+        let parsed: Report = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed, report);
+        assert!(text.contains("\"verdict\": \"syscall\""), "{text}");
+        assert!(!dir.path().join(".report.json.tmp").exists());
+    }
+}
