@@ -1,7 +1,7 @@
 //! The aggregator: a pure state machine from records to stalls.
 //!
 //! Records come from the live ring buffer and map scans, or from a capture
-//! file; the aggregator cannot tell which, so a capture replays to the same
+//! file. The aggregator cannot tell which, so a capture replays to the same
 //! stalls. It keeps one [`Stall`] per loop iteration that passed the
 //! threshold, open while the iteration lasts and closed when it ends.
 
@@ -24,7 +24,7 @@ pub enum Record {
     },
 }
 
-/// How a stall ended.
+/// The event that ended a stall.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EndedBy {
     /// The loop thread entered its wait again.
@@ -91,7 +91,7 @@ pub fn comm_to_string(comm: &[u8]) -> String {
     String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
-/// What changed after one record, by index into [`Aggregator::stalls`].
+/// A change made by one record, with the stall's index into [`Aggregator::stalls`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
     /// A stall was seen for the first time while it lasts.

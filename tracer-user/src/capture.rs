@@ -120,7 +120,7 @@ impl CaptureWriter {
     }
 }
 
-/// Where reading a capture stopped early.
+/// The frame at which reading a capture stopped early.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReadStop {
     /// Byte offset of the frame that could not be read.
@@ -133,7 +133,7 @@ pub struct ReadStop {
 pub struct Capture {
     pub header: CaptureHeader,
     pub records: Vec<Record>,
-    /// Set when the file ended in a partial or corrupted frame. `records` holds every whole frame before it.
+    /// Set when the file ended in a partial or corrupted frame. `records` contains every whole frame before it.
     pub stopped: Option<ReadStop>,
 }
 

@@ -49,7 +49,7 @@ fn monotonic_ns() -> u64 {
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
-/// Where records go: the aggregator, the capture file and the terminal.
+/// Consumers of each record: the aggregator, the capture file and the terminal.
 struct Sink {
     aggregator: Aggregator,
     capture: Option<CaptureWriter>,

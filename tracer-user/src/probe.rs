@@ -44,7 +44,7 @@ const ATTACHMENTS: &[(&str, &str, &[&str])] = &[
     ),
 ];
 
-/// What the BPF programs are configured with at load time.
+/// Load-time configuration of the BPF programs.
 pub struct ProbeConfig {
     /// Processes in scope; empty for every process.
     pub pids: Vec<u32>,
