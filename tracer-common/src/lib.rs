@@ -25,6 +25,8 @@ pub mod run_state {
     pub const RUNNABLE: u8 = 1;
     /// Sleeping until something wakes it.
     pub const BLOCKED: u8 = 2;
+    /// Runnable, but its cgroup has used its CPU bandwidth quota for this period.
+    pub const THROTTLED: u8 = 3;
 }
 
 /// Kinds of ring-buffer record.
@@ -34,6 +36,9 @@ pub mod record_kind {
     /// A thread exited in the middle of an iteration that was past the threshold.
     pub const THREAD_EXIT: u32 = 2;
 }
+
+/// Upper bound on CPU numbers in the arrays indexed by CPU.
+pub const MAX_CPUS: u32 = 1024;
 
 /// Indexes of the per-CPU counters in the `COUNTERS` map.
 pub mod counter {
@@ -105,6 +110,11 @@ pub struct LoopThread {
     pub _pad: [u8; 2],
     /// Futex word address of the current or last futex syscall.
     pub futex_uaddr: u64,
+    /// The run queue's steal clock (`rq->prev_steal_time`) when the current
+    /// running or runnable period began.
+    pub steal_mark_ns: u64,
+    /// Address of the run queue `steal_mark_ns` was read from, 0 if none.
+    pub steal_mark_rq: u64,
     pub breakdown: Breakdown,
     pub syscalls: [SyscallTime; SYSCALL_SLOTS],
     pub comm: [u8; TASK_COMM_LEN],
@@ -124,6 +134,8 @@ impl LoopThread {
             in_futex: 0,
             _pad: [0; 2],
             futex_uaddr: 0,
+            steal_mark_ns: 0,
+            steal_mark_rq: 0,
             breakdown: Breakdown {
                 on_cpu_ns: 0,
                 runqueue_ns: 0,
@@ -158,6 +170,7 @@ impl LoopThread {
         match self.run_state {
             run_state::RUNNING => self.breakdown.on_cpu_ns += elapsed,
             run_state::RUNNABLE => self.breakdown.runqueue_ns += elapsed,
+            run_state::THROTTLED => self.breakdown.throttled_ns += elapsed,
             _ if self.in_futex != 0 => self.breakdown.futex_ns += elapsed,
             _ => {
                 self.breakdown.syscall_ns += elapsed;
@@ -189,6 +202,36 @@ impl LoopThread {
         last.ns += elapsed;
     }
 
+    /// Moves the steal of the period that ends now out of its share, then
+    /// starts a new period at `steal_ns` of run queue `rq`.
+    ///
+    /// Call after [`LoopThread::accrue`]. Steal is the growth of the run queue's
+    /// steal clock since the mark, and counts only if the thread stayed on that
+    /// run queue and was running or runnable. It is capped at the share it
+    /// comes out of, so the breakdown still adds up to the wall time.
+    #[inline(always)]
+    pub fn settle_steal(&mut self, rq: u64, steal_ns: u64) {
+        if self.in_iteration() && rq != 0 && rq == self.steal_mark_rq {
+            let stolen = steal_ns.saturating_sub(self.steal_mark_ns);
+            let breakdown = &mut self.breakdown;
+            match self.run_state {
+                run_state::RUNNING => {
+                    let moved = min(stolen, breakdown.on_cpu_ns);
+                    breakdown.on_cpu_ns -= moved;
+                    breakdown.steal_ns += moved;
+                }
+                run_state::RUNNABLE => {
+                    let moved = min(stolen, breakdown.runqueue_ns);
+                    breakdown.runqueue_ns -= moved;
+                    breakdown.steal_ns += moved;
+                }
+                _ => {}
+            }
+        }
+        self.steal_mark_ns = steal_ns;
+        self.steal_mark_rq = rq;
+    }
+
     /// Starts a new iteration at `now_ns`: the thread has just returned from its wait.
     #[inline(always)]
     pub fn begin_iteration(&mut self, now_ns: u64) {
@@ -216,6 +259,8 @@ pub struct TracepointLayout {
     pub switch_next_pid: u32,
     /// `sched:sched_wakeup` `pid` (pid_t).
     pub wakeup_pid: u32,
+    /// `sched:sched_wakeup` `target_cpu` (int).
+    pub wakeup_target_cpu: u32,
     /// `sched:sched_wakeup_new` `pid` (pid_t).
     pub wakeup_new_pid: u32,
     /// `raw_syscalls:sys_enter` `id` (long).
@@ -224,6 +269,41 @@ pub struct TracepointLayout {
     pub futex_uaddr: u32,
     /// `syscalls:sys_enter_futex_wait` `uaddr` (pointer).
     pub futex_wait_uaddr: u32,
+}
+
+/// Byte offsets of kernel struct members, read from vmlinux BTF by the
+/// loader. A 0 means the member was not found and the feature that needs
+/// it is off.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `task_struct.se.slice`: the task's scheduler slice (EEVDF, 6.6 and later).
+    pub task_slice: u32,
+    /// `task_struct.se.cfs_rq`: the CFS run queue the task is queued on.
+    pub task_cfs_rq: u32,
+    /// `cfs_rq.rq`: the CPU's run queue (needs CONFIG_FAIR_GROUP_SCHED).
+    pub cfs_rq_rq: u32,
+    /// `cfs_rq.throttle_count`: non-zero while this group or a parent is throttled.
+    pub cfs_rq_throttle_count: u32,
+    /// `rq.prev_steal_time`: steal the scheduler has taken out of this CPU's task clock.
+    pub rq_prev_steal_time: u32,
+    pub _pad: u32,
+}
+
+impl KernelOffsets {
+    /// Returns true when every offset that steal accounting needs is known.
+    pub fn steal_known(&self) -> bool {
+        self.task_cfs_rq != 0 && self.cfs_rq_rq != 0 && self.rq_prev_steal_time != 0
+    }
+}
+
+#[inline(always)]
+fn min(a: u64, b: u64) -> u64 {
+    if a < b {
+        a
+    } else {
+        b
+    }
 }
 
 /// One ring-buffer record: a snapshot of a loop thread when its stall ended.
@@ -247,4 +327,6 @@ mod user {
     unsafe impl aya::Pod for super::StallRecord {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TracepointLayout {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::KernelOffsets {}
 }

@@ -11,8 +11,8 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
-        bpf_probe_read_kernel,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{map, tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -20,7 +20,8 @@ use aya_ebpf::{
     Global,
 };
 use tracer_common::{
-    counter, record_kind, run_state, LoopThread, StallRecord, TracepointLayout, SYSCALL_NONE,
+    counter, record_kind, run_state, KernelOffsets, LoopThread, StallRecord, TracepointLayout,
+    MAX_CPUS, SYSCALL_NONE,
 };
 
 /// Process ID of stalltrace itself, never traced (its own runtime waits in epoll).
@@ -36,15 +37,23 @@ static LAYOUT: Global<TracepointLayout> = Global::new(TracepointLayout {
     switch_prev_state: 0,
     switch_next_pid: 0,
     wakeup_pid: 0,
+    wakeup_target_cpu: 0,
     wakeup_new_pid: 0,
     sys_enter_id: 0,
     futex_uaddr: 0,
     futex_wait_uaddr: 0,
 });
 
-/// Byte offset of `task_struct.se.slice` from vmlinux BTF, or 0 when unknown.
+/// Kernel struct member offsets from vmlinux BTF; 0 where unknown.
 #[no_mangle]
-static TASK_SLICE_OFFSET: Global<u32> = Global::new(0);
+static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
+    task_slice: 0,
+    task_cfs_rq: 0,
+    cfs_rq_rq: 0,
+    cfs_rq_throttle_count: 0,
+    rq_prev_steal_time: 0,
+    _pad: 0,
+});
 
 /// Loop threads by TID. Entries go away when the thread exits.
 #[map]
@@ -65,6 +74,14 @@ static THRESHOLD_NS: Array<u64> = Array::with_max_entries(1, 0);
 /// The scheduler slice of stalltrace's own thread, read the first time it waits in epoll.
 #[map]
 static SELF_SLICE: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Address of each CPU's run queue (`struct rq`), learned at context switches.
+#[map]
+static RQ_BY_CPU: Array<u64> = Array::with_max_entries(MAX_CPUS, 0);
+
+/// Each CPU's steal clock (`rq->prev_steal_time`) at its latest context switch.
+#[map]
+static CPU_STEAL: Array<u64> = Array::with_max_entries(MAX_CPUS, 0);
 
 /// Per-CPU counters, indexed by `tracer_common::counter`.
 #[map]
@@ -133,18 +150,70 @@ fn report_if_stalled(state: &LoopThread, kind: u32, now_ns: u64) {
     entry.submit(0);
 }
 
+/// Reads a kernel value at `base + offset`, or `None` if either is 0 or the read fails.
+#[inline(always)]
+fn read_kernel<T>(base: u64, offset: u32) -> Option<T> {
+    if base == 0 || offset == 0 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel checks the address and fails on a bad one.
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }.ok()
+}
+
+#[inline(always)]
+fn current_task() -> u64 {
+    unsafe { bpf_get_current_task() }
+}
+
+/// Returns the CFS run queue the current task is queued on.
+#[inline(always)]
+fn current_cfs_rq() -> u64 {
+    read_kernel::<u64>(current_task(), OFFSETS.load().task_cfs_rq).unwrap_or(0)
+}
+
+/// Returns the address of this CPU's run queue and its steal clock, or zeros when unknown.
+#[inline(always)]
+fn this_cpu_steal(prev_is_idle: bool) -> (u64, u64) {
+    let offsets = OFFSETS.load();
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let Some(slot) = RQ_BY_CPU.get_ptr_mut(cpu) else {
+        return (0, 0);
+    };
+    // The idle task is not on a CFS run queue, so learn the rq from real tasks only.
+    let mut rq = unsafe { *slot };
+    if !prev_is_idle {
+        rq = read_kernel::<u64>(current_cfs_rq(), offsets.cfs_rq_rq).unwrap_or(rq);
+        unsafe { *slot = rq };
+    }
+    let steal = read_kernel::<u64>(rq, offsets.rq_prev_steal_time).unwrap_or(0);
+    if let Some(clock) = CPU_STEAL.get_ptr_mut(cpu) {
+        unsafe { *clock = steal };
+    }
+    (rq, steal)
+}
+
+/// Returns the run queue of `cpu` and its steal clock, or zeros when unknown.
+#[inline(always)]
+fn cpu_steal(cpu: u32) -> (u64, u64) {
+    let rq = RQ_BY_CPU.get(cpu).copied().unwrap_or(0);
+    (rq, read_kernel::<u64>(rq, OFFSETS.load().rq_prev_steal_time).unwrap_or(0))
+}
+
+/// Returns true if the current task's CFS group, or a parent group, is throttled.
+#[inline(always)]
+fn current_throttled() -> bool {
+    read_kernel::<i32>(current_cfs_rq(), OFFSETS.load().cfs_rq_throttle_count).unwrap_or(0) > 0
+}
+
 /// Stores `current->se.slice` in `SELF_SLICE`, the slice this kernel gives a normal task.
 #[inline(always)]
 fn record_own_slice() {
-    let offset = TASK_SLICE_OFFSET.load();
     let Some(slot) = SELF_SLICE.get_ptr_mut(0) else { return };
     // SAFETY: the slot is a valid map value.
-    if offset == 0 || unsafe { *slot } != 0 {
+    if unsafe { *slot } != 0 {
         return;
     }
-    let task = unsafe { bpf_get_current_task() } as *const u8;
-    // SAFETY: bpf_probe_read_kernel checks the address.
-    if let Ok(slice) = unsafe { bpf_probe_read_kernel(task.wrapping_add(offset as usize).cast::<u64>()) } {
+    if let Some(slice) = read_kernel::<u64>(current_task(), OFFSETS.load().task_slice) {
         unsafe { *slot = slice };
     }
 }
@@ -156,6 +225,8 @@ pub fn loop_wait_enter(_ctx: TracePointContext) -> u32 {
     match thread(tid) {
         Some(state) => {
             state.accrue(now_ns);
+            let (rq, steal) = cpu_steal(unsafe { bpf_get_smp_processor_id() });
+            state.settle_steal(rq, steal);
             if let Ok(comm) = bpf_get_current_comm() {
                 state.comm = comm;
             }
@@ -187,6 +258,8 @@ pub fn loop_wait_exit(_ctx: TracePointContext) -> u32 {
     let (_, tid) = current_ids();
     if let Some(state) = thread(tid) {
         state.begin_iteration(unsafe { bpf_ktime_get_ns() });
+        let (rq, steal) = cpu_steal(unsafe { bpf_get_smp_processor_id() });
+        state.settle_steal(rq, steal);
     }
     0
 }
@@ -195,35 +268,45 @@ pub fn loop_wait_exit(_ctx: TracePointContext) -> u32 {
 pub fn sched_switch(ctx: TracePointContext) -> u32 {
     let layout = LAYOUT.load();
     let now_ns = unsafe { bpf_ktime_get_ns() };
-    if let Some(prev) = unsafe { read_field::<i32>(&ctx, layout.switch_prev_pid) } {
-        if let Some(state) = thread(prev as u32) {
-            state.accrue(now_ns);
-            let prev_state = unsafe { read_field::<i64>(&ctx, layout.switch_prev_state) }.unwrap_or(0);
-            state.run_state = if prev_state & SLEEPING_STATE_MASK == 0 {
-                run_state::RUNNABLE
-            } else {
-                run_state::BLOCKED
-            };
-        }
+    let prev = unsafe { read_field::<i32>(&ctx, layout.switch_prev_pid) }.unwrap_or(0);
+    let next = unsafe { read_field::<i32>(&ctx, layout.switch_next_pid) }.unwrap_or(0);
+    // The tracepoint fires before the switch, so `current` is still `prev`.
+    let (rq, steal) = this_cpu_steal(prev == 0);
+    if let Some(state) = thread(prev as u32) {
+        state.accrue(now_ns);
+        state.settle_steal(rq, steal);
+        let prev_state = unsafe { read_field::<i64>(&ctx, layout.switch_prev_state) }.unwrap_or(0);
+        state.run_state = if prev_state & SLEEPING_STATE_MASK != 0 {
+            run_state::BLOCKED
+        } else if current_throttled() {
+            run_state::THROTTLED
+        } else {
+            run_state::RUNNABLE
+        };
     }
-    if let Some(next) = unsafe { read_field::<i32>(&ctx, layout.switch_next_pid) } {
-        if let Some(state) = thread(next as u32) {
-            state.accrue(now_ns);
-            state.run_state = run_state::RUNNING;
-        }
+    if let Some(state) = thread(next as u32) {
+        state.accrue(now_ns);
+        state.settle_steal(rq, steal);
+        state.run_state = run_state::RUNNING;
     }
     0
 }
 
 #[tracepoint]
 pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
-    let Some(tid) = (unsafe { read_field::<i32>(&ctx, LAYOUT.load().wakeup_pid) }) else {
+    let layout = LAYOUT.load();
+    let Some(tid) = (unsafe { read_field::<i32>(&ctx, layout.wakeup_pid) }) else {
         return 0;
     };
     if let Some(state) = thread(tid as u32) {
         if state.run_state == run_state::BLOCKED {
             state.accrue(unsafe { bpf_ktime_get_ns() });
             state.run_state = run_state::RUNNABLE;
+            let cpu = unsafe { read_field::<i32>(&ctx, layout.wakeup_target_cpu) }.unwrap_or(-1);
+            let (rq, steal) = cpu_steal(cpu as u32);
+            // Blocked time holds no steal, so only the mark moves.
+            state.steal_mark_ns = steal;
+            state.steal_mark_rq = rq;
         }
     }
     0

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use tracer_common::{record_kind, Breakdown, LoopThread, StallRecord, SYSCALL_SLOTS};
 
 /// One input of the aggregator.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Record {
     /// An iteration ended past the threshold (sent by the BPF programs).
     Stall(StallRecord),
@@ -21,6 +21,13 @@ pub enum Record {
         now_ns: u64,
         drops: u64,
         untracked_threads: u64,
+    },
+    /// Each CPU's steal so far by two clocks: the run queues' steal clock
+    /// (`rq->prev_steal_time`, 0 before a CPU's first switch) and `/proc/stat`.
+    HostSteal {
+        now_ns: u64,
+        kernel_ns: Vec<u64>,
+        proc_stat_ns: Vec<u64>,
     },
 }
 
@@ -100,6 +107,45 @@ pub enum Event {
     Ended(usize),
 }
 
+/// Steal per CPU over the traced time, by the two clocks of [`Record::HostSteal`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostSteal {
+    pub kernel_ns: Vec<u64>,
+    pub proc_stat_ns: Vec<u64>,
+}
+
+/// First and latest reading of one steal clock per CPU.
+#[derive(Debug, Default)]
+struct StealSpan {
+    first: Vec<Option<u64>>,
+    last: Vec<u64>,
+}
+
+impl StealSpan {
+    /// Takes one reading per CPU. A 0 is a CPU whose clock has not been read
+    /// yet, so it does not start that CPU's span.
+    fn observe(&mut self, readings: &[u64]) {
+        if self.first.len() < readings.len() {
+            self.first.resize(readings.len(), None);
+            self.last.resize(readings.len(), 0);
+        }
+        for (cpu, &value) in readings.iter().enumerate() {
+            if value != 0 && self.first[cpu].is_none() {
+                self.first[cpu] = Some(value);
+            }
+            self.last[cpu] = self.last[cpu].max(value);
+        }
+    }
+
+    fn deltas(&self) -> Vec<u64> {
+        self.first
+            .iter()
+            .zip(&self.last)
+            .map(|(first, &last)| first.map_or(0, |first| last.saturating_sub(first)))
+            .collect()
+    }
+}
+
 /// Stalls found so far, and the loss counters.
 #[derive(Debug)]
 pub struct Aggregator {
@@ -112,6 +158,8 @@ pub struct Aggregator {
     previous_tick_ns: u64,
     drops: u64,
     untracked_threads: u64,
+    kernel_steal: StealSpan,
+    proc_stat_steal: StealSpan,
 }
 
 impl Aggregator {
@@ -125,6 +173,16 @@ impl Aggregator {
             previous_tick_ns: 0,
             drops: 0,
             untracked_threads: 0,
+            kernel_steal: StealSpan::default(),
+            proc_stat_steal: StealSpan::default(),
+        }
+    }
+
+    /// Returns the steal per CPU between the first and the latest [`Record::HostSteal`].
+    pub fn host_steal(&self) -> HostSteal {
+        HostSteal {
+            kernel_ns: self.kernel_steal.deltas(),
+            proc_stat_ns: self.proc_stat_steal.deltas(),
         }
     }
 
@@ -179,6 +237,16 @@ impl Aggregator {
                 let events = self.close_stale();
                 self.previous_tick_ns = *now_ns;
                 events
+            }
+            Record::HostSteal {
+                now_ns,
+                kernel_ns,
+                proc_stat_ns,
+            } => {
+                self.observe_time(*now_ns);
+                self.kernel_steal.observe(kernel_ns);
+                self.proc_stat_steal.observe(proc_stat_ns);
+                Vec::new()
             }
         }
     }
@@ -428,6 +496,25 @@ mod tests {
 
         assert_eq!(aggregator.stalls()[0].ended_by, Some(EndedBy::Exit));
         assert_eq!(aggregator.stalls()[0].duration_ns, 80 * MS);
+    }
+
+    #[test]
+    fn host_steal_spans_first_to_last() {
+        let mut aggregator = Aggregator::new(THRESHOLD);
+        let reading = |now_ns, kernel_ns: Vec<u64>, proc_stat_ns: Vec<u64>| Record::HostSteal {
+            now_ns,
+            kernel_ns,
+            proc_stat_ns,
+        };
+        // CPU 1 has not switched yet at the first reading, so its span starts later.
+        aggregator.push(&reading(10, vec![500, 0], vec![1000, 2000]));
+        aggregator.push(&reading(20, vec![800, 4000], vec![1000, 2010]));
+        aggregator.push(&reading(30, vec![900, 4600], vec![1100, 2010]));
+
+        let steal = aggregator.host_steal();
+
+        assert_eq!(steal.kernel_ns, vec![400, 600]);
+        assert_eq!(steal.proc_stat_ns, vec![100, 10]);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
-use tracer_common::{LoopThread, StallRecord};
+use tracer_common::{LoopThread, StallRecord, MAX_CPUS};
 
 use crate::aggregator::Record;
 
@@ -37,6 +37,7 @@ const MAX_HEADER_LEN: u32 = 1 << 20;
 const TAG_STALL: u8 = 1;
 const TAG_SNAPSHOT: u8 = 2;
 const TAG_TICK: u8 = 3;
+const TAG_HOST_STEAL: u8 = 4;
 
 /// Metadata at the start of a capture.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -48,16 +49,29 @@ pub struct CaptureHeader {
     pub pids: Vec<u32>,
     pub stall_record_size: usize,
     pub loop_thread_size: usize,
+    /// Facts about the traced host, for the report.
+    #[serde(default)]
+    pub host: HostInfo,
+}
+
+/// Facts about the traced host that the records do not carry.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// `kvm`, another hypervisor, `none` for bare metal.
+    pub virtualization: String,
+    /// Where steal figures come from, or why there are none.
+    pub steal_source: String,
 }
 
 impl CaptureHeader {
-    pub fn new(threshold_ns: u64, kernel_release: String, pids: Vec<u32>) -> Self {
+    pub fn new(threshold_ns: u64, kernel_release: String, pids: Vec<u32>, host: HostInfo) -> Self {
         Self {
             threshold_ns,
             kernel_release,
             pids,
             stall_record_size: size_of::<StallRecord>(),
             loop_thread_size: size_of::<LoopThread>(),
+            host,
         }
     }
 }
@@ -101,6 +115,22 @@ impl CaptureWriter {
                     &untracked_threads.to_le_bytes(),
                 ],
             ),
+            Record::HostSteal {
+                now_ns,
+                kernel_ns,
+                proc_stat_ns,
+            } => {
+                let cpus = kernel_ns.len().max(proc_stat_ns.len());
+                let mut payload = Vec::with_capacity(16 + 16 * cpus);
+                payload.extend_from_slice(&now_ns.to_le_bytes());
+                payload.extend_from_slice(&(cpus as u64).to_le_bytes());
+                for values in [kernel_ns, proc_stat_ns] {
+                    for cpu in 0..cpus {
+                        payload.extend_from_slice(&values.get(cpu).copied().unwrap_or(0).to_le_bytes());
+                    }
+                }
+                self.frame(TAG_HOST_STEAL, &[&payload])
+            }
         }
     }
 
@@ -206,6 +236,9 @@ fn read_frame(cursor: &mut Cursor<'_>) -> std::result::Result<Record, String> {
         TAG_STALL => size_of::<StallRecord>(),
         TAG_SNAPSHOT => 8 + size_of::<LoopThread>(),
         TAG_TICK => 24,
+        // Two arrays of one u64 per CPU, after the time and the CPU count.
+        TAG_HOST_STEAL if len >= 16 && (len - 16) % 16 == 0 && (len - 16) / 16 <= MAX_CPUS as usize => len,
+        TAG_HOST_STEAL => return Err(format!("steal record of {len} bytes is invalid: the file is corrupted")),
         other => return Err(format!("unknown record tag {other}: the file is corrupted")),
     };
     if len != expected {
@@ -213,6 +246,18 @@ fn read_frame(cursor: &mut Cursor<'_>) -> std::result::Result<Record, String> {
     }
     let payload = cursor.take(len).ok_or(CUT)?;
     let u64_at = |at: usize| u64::from_le_bytes(payload[at..at + 8].try_into().expect("8 bytes"));
+    if tag == TAG_HOST_STEAL {
+        let cpus = (len - 16) / 16;
+        if u64_at(8) != cpus as u64 {
+            return Err(format!("steal record says {} CPUs in {len} bytes: the file is corrupted", u64_at(8)));
+        }
+        let column = |first: usize| (0..cpus).map(|cpu| u64_at(first + cpu * 8)).collect();
+        return Ok(Record::HostSteal {
+            now_ns: u64_at(0),
+            kernel_ns: column(16),
+            proc_stat_ns: column(16 + cpus * 8),
+        });
+    }
     Ok(match tag {
         TAG_STALL => Record::Stall(pod_from_bytes(payload)),
         TAG_SNAPSHOT => Record::Snapshot {
@@ -284,12 +329,21 @@ mod tests {
                 end_ns: 900,
                 thread,
             }),
+            Record::HostSteal {
+                now_ns: 950,
+                kernel_ns: vec![5, 0, 7],
+                proc_stat_ns: vec![10, 20, 30],
+            },
         ]
     }
 
     fn write_sample(dir: &Path) -> std::path::PathBuf {
         let path = dir.join("capture");
-        let header = CaptureHeader::new(50, "6.18".to_owned(), vec![7]);
+        let host = HostInfo {
+            virtualization: "kvm".to_owned(),
+            steal_source: "test".to_owned(),
+        };
+        let header = CaptureHeader::new(50, "6.18".to_owned(), vec![7], host);
         let mut writer = CaptureWriter::create(&path, &header).unwrap();
         for record in sample_records() {
             writer.write(&record).unwrap();
@@ -311,6 +365,7 @@ mod tests {
 
         assert_eq!(capture.header.threshold_ns, 50);
         assert_eq!(capture.header.pids, vec![7]);
+        assert_eq!(capture.header.host.virtualization, "kvm");
         assert_eq!(capture.stopped, None);
         assert_eq!(debug(&capture.records), debug(&sample_records()));
     }
@@ -324,7 +379,7 @@ mod tests {
 
         let capture = read_capture(&path).unwrap();
 
-        assert_eq!(capture.records.len(), 2);
+        assert_eq!(capture.records.len(), 3);
         let stopped = capture.stopped.expect("the cut is reported");
         assert!(stopped.reason.contains("ends inside a record"), "{stopped:?}");
     }

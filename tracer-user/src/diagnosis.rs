@@ -68,6 +68,53 @@ impl Verdict {
     }
 }
 
+impl Verdict {
+    /// Returns who owns this kind of stalled time: the host, the guest's own scheduling, or the application.
+    pub fn owner(self) -> Owner {
+        match self {
+            Verdict::Steal => Owner::Host,
+            Verdict::Runqueue | Verdict::Throttled => Owner::Guest,
+            Verdict::OnCpu | Verdict::Futex | Verdict::Syscall => Owner::Application,
+        }
+    }
+
+    /// Returns a one-line suggestion for stalls with this verdict.
+    pub fn suggestion(self) -> &'static str {
+        match self {
+            Verdict::OnCpu => {
+                "The handler computed for most of the stall: profile that code path or move the work off the loop thread."
+            }
+            Verdict::Runqueue => {
+                "The thread was runnable while other threads in this machine held the CPUs: reduce the machine's own load, or give the loop thread a CPU or a higher priority."
+            }
+            Verdict::Steal => {
+                "The hypervisor ran something else on this vCPU (a noisy neighbour): move or resize the instance, the code is not at fault."
+            }
+            Verdict::Throttled => {
+                "The cgroup used up its CPU quota (cpu.max or cpu.cfs_quota_us): raise the quota or lower the cgroup's load."
+            }
+            Verdict::Futex => {
+                "The loop thread waited for a lock: find the holder and shorten its critical section, or keep blocking locks off the loop thread."
+            }
+            Verdict::Syscall => {
+                "The loop thread blocked in a syscall: make the call non-blocking or move it to a worker thread."
+            }
+        }
+    }
+}
+
+/// The party whose fix a stalled share needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Owner {
+    /// The hypervisor (steal).
+    Host,
+    /// The guest's own scheduling: other threads on its CPUs, or its cgroup's quota.
+    Guest,
+    /// The traced application: its code, its locks, its syscalls.
+    Application,
+}
+
 /// Returns the shares of a breakdown, largest first, without the empty ones.
 pub fn ranked_shares(breakdown: &Breakdown) -> Vec<(Verdict, u64)> {
     let mut shares: Vec<(Verdict, u64)> = Verdict::ALL
@@ -125,6 +172,16 @@ mod tests {
             ranked_shares(&breakdown),
             vec![(Verdict::Futex, 9), (Verdict::OnCpu, 1)]
         );
+    }
+
+    #[test]
+    fn owners_split_host_guest_application() {
+        assert_eq!(Verdict::Steal.owner(), Owner::Host);
+        assert_eq!(Verdict::Runqueue.owner(), Owner::Guest);
+        assert_eq!(Verdict::Throttled.owner(), Owner::Guest);
+        assert_eq!(Verdict::OnCpu.owner(), Owner::Application);
+        assert_eq!(Verdict::Futex.owner(), Owner::Application);
+        assert_eq!(Verdict::Syscall.owner(), Owner::Application);
     }
 
     #[test]

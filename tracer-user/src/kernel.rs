@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use tracer_common::{TracepointLayout, SYSCALL_NONE, SYSCALL_OTHER};
+use tracer_common::{KernelOffsets, TracepointLayout, SYSCALL_NONE, SYSCALL_OTHER};
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 /// Older kernels expose tracefs only inside debugfs.
@@ -87,6 +87,7 @@ pub fn tracepoint_layout(tracefs: &Path) -> Result<TracepointLayout> {
         switch_prev_state: field_offset(tracefs, "sched", "sched_switch", "prev_state")?,
         switch_next_pid: field_offset(tracefs, "sched", "sched_switch", "next_pid")?,
         wakeup_pid: field_offset(tracefs, "sched", "sched_wakeup", "pid")?,
+        wakeup_target_cpu: field_offset(tracefs, "sched", "sched_wakeup", "target_cpu")?,
         wakeup_new_pid: field_offset(tracefs, "sched", "sched_wakeup_new", "pid")?,
         sys_enter_id: field_offset(tracefs, "raw_syscalls", "sys_enter", "id")?,
         futex_uaddr: field_offset(tracefs, "syscalls", "sys_enter_futex", "uaddr")?,
@@ -94,19 +95,37 @@ pub fn tracepoint_layout(tracefs: &Path) -> Result<TracepointLayout> {
     })
 }
 
-/// Returns the byte offset of `task_struct.se.slice` from vmlinux BTF, or `None`
-/// when the kernel has no BTF or no per-entity slice (before EEVDF, 6.6).
-pub fn task_slice_offset() -> Option<u32> {
+/// Reads the kernel struct offsets the BPF programs use from vmlinux BTF.
+///
+/// Without BTF every offset is 0: the threshold then falls back to the
+/// documented slice, and steal and throttling are not measured.
+pub fn kernel_offsets() -> KernelOffsets {
     let btf = match btf_rs::Btf::from_file(VMLINUX_BTF) {
         Ok(btf) => btf,
         Err(error) => {
-            tracing::warn!(path = VMLINUX_BTF, %error, "kernel BTF unavailable, using the documented default slice");
-            return None;
+            tracing::warn!(
+                path = VMLINUX_BTF,
+                %error,
+                "kernel BTF unavailable: steal and throttling are not measured, and the threshold is the documented default slice"
+            );
+            return KernelOffsets::default();
         }
     };
-    let se = member_offset(&btf, "task_struct", "se")?;
-    let slice = member_offset(&btf, "sched_entity", "slice")?;
-    Some(se + slice)
+    let member = |structure: &str, name: &str| member_offset(&btf, structure, name);
+    let se = member("task_struct", "se");
+    let nested = |outer: Option<u32>, inner: Option<u32>| outer.zip(inner).map(|(a, b)| a + b).unwrap_or(0);
+    let offsets = KernelOffsets {
+        task_slice: nested(se, member("sched_entity", "slice")),
+        task_cfs_rq: nested(se, member("sched_entity", "cfs_rq")),
+        cfs_rq_rq: member("cfs_rq", "rq").unwrap_or(0),
+        cfs_rq_throttle_count: member("cfs_rq", "throttle_count").unwrap_or(0),
+        rq_prev_steal_time: member("rq", "prev_steal_time").unwrap_or(0),
+        _pad: 0,
+    };
+    if !offsets.steal_known() {
+        tracing::warn!(?offsets, "this kernel's BTF lacks rq.prev_steal_time or cfs_rq.rq: steal is not measured");
+    }
+    offsets
 }
 
 /// Returns the byte offset of a named, non-bitfield member of a struct.
@@ -148,6 +167,74 @@ pub fn syscall_name(nr: i32) -> String {
             .map(|sysno| sysno.name().to_owned())
             .unwrap_or_else(|| format!("syscall_{nr}")),
     }
+}
+
+/// Returns the hypervisor this kernel runs under: `kvm`, another vendor's
+/// name, or `none` on bare metal, from the CPUID hypervisor leaves.
+pub fn virtualization() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::__cpuid;
+        // CPUID leaf 1, ECX bit 31: "hypervisor present", reserved as 0 on real hardware.
+        let features = __cpuid(1);
+        if features.ecx & (1 << 31) == 0 {
+            return "none".to_owned();
+        }
+        // Leaf 0x4000_0000 is the hypervisor's vendor signature.
+        let leaf = __cpuid(0x4000_0000);
+        let mut signature = Vec::with_capacity(12);
+        for register in [leaf.ebx, leaf.ecx, leaf.edx] {
+            signature.extend_from_slice(&register.to_le_bytes());
+        }
+        let signature = String::from_utf8_lossy(&signature).trim_end_matches('\0').to_owned();
+        match signature.as_str() {
+            "KVMKVMKVM" => "kvm".to_owned(),
+            "Microsoft Hv" => "hyper-v".to_owned(),
+            "VMwareVMware" => "vmware".to_owned(),
+            "XenVMMXenVMM" => "xen".to_owned(),
+            "TCGTCGTCGTCG" => "qemu-tcg".to_owned(),
+            other => format!("other ({other})"),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        if Path::new("/sys/hypervisor/type").exists() {
+            fs::read_to_string("/sys/hypervisor/type").map(|kind| kind.trim().to_owned()).unwrap_or_else(|_| "other".to_owned())
+        } else {
+            "unknown".to_owned()
+        }
+    }
+}
+
+/// Returns the `steal` column of each `cpuN` line of `/proc/stat`, in nanoseconds.
+pub fn proc_stat_steal_ns() -> Result<Vec<u64>> {
+    let text = fs::read_to_string("/proc/stat").context("failed to read /proc/stat")?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(parse_proc_stat_steal(&text, 1_000_000_000 / ticks_per_second))
+}
+
+fn parse_proc_stat_steal(text: &str, ns_per_tick: u64) -> Vec<u64> {
+    let mut steal = Vec::new();
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(name) = fields.next() else { continue };
+        let Some(cpu) = name.strip_prefix("cpu").and_then(|n| n.parse::<usize>().ok()) else {
+            continue;
+        };
+        // Columns: user nice system idle iowait irq softirq steal.
+        let ticks: u64 = fields.nth(7).and_then(|value| value.parse().ok()).unwrap_or(0);
+        if steal.len() <= cpu {
+            steal.resize(cpu + 1, 0);
+        }
+        steal[cpu] = ticks * ns_per_tick;
+    }
+    steal
+}
+
+/// Returns the number of possible CPUs, the size of the per-CPU arrays.
+pub fn possible_cpus() -> usize {
+    aya::util::nr_cpus().unwrap_or(1)
 }
 
 /// Returns true while a process with this PID exists.
@@ -192,6 +279,16 @@ format:
         assert_eq!(syscall_name(SYSCALL_NONE), "(no syscall)");
         assert_eq!(syscall_name(SYSCALL_OTHER), "(other syscalls)");
         assert_eq!(syscall_name(100_000), "syscall_100000");
+    }
+
+    #[test]
+    fn proc_stat_steal_parsed() {
+        let text = "cpu  42943 0 7412 136676 821 0 52 34 0 0
+cpu0 21272 0 3250 69366 82 0 11 12 0 0
+cpu1 21670 0 4161 67309 738 0 40 22 0 0
+intr 1 2 3
+";
+        assert_eq!(parse_proc_stat_steal(text, 10_000_000), vec![120_000_000, 220_000_000]);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use tracer_common::StallRecord;
 
 use crate::{
     aggregator::{Aggregator, Event, Record},
-    capture::{CaptureHeader, CaptureWriter},
+    capture::{CaptureHeader, CaptureWriter, HostInfo},
     duration::Nanos,
     kernel,
     probe::{Probe, ProbeConfig},
@@ -55,6 +55,7 @@ struct Sink {
     capture: Option<CaptureWriter>,
     json: bool,
     reported_drops: u64,
+    cpus: usize,
 }
 
 impl Sink {
@@ -103,9 +104,13 @@ pub async fn run(options: LiveOptions) -> Result<Report> {
     let config = ProbeConfig {
         pids: options.pids.clone(),
         layout,
-        task_slice_offset: kernel::task_slice_offset(),
+        offsets: kernel::kernel_offsets(),
     };
     let mut probe = Probe::attach(&config)?;
+    let host = HostInfo {
+        virtualization: kernel::virtualization(),
+        steal_source: steal_source(&config, &kernel::virtualization()),
+    };
 
     let threshold_ns = match options.threshold_ns {
         Some(threshold_ns) => {
@@ -120,7 +125,7 @@ pub async fn run(options: LiveOptions) -> Result<Report> {
         Some(dir) => {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("failed to create output folder {}", dir.display()))?;
-            let header = CaptureHeader::new(threshold_ns, kernel::kernel_release(), options.pids.clone());
+            let header = CaptureHeader::new(threshold_ns, kernel::kernel_release(), options.pids.clone(), host.clone());
             Some(CaptureWriter::create(&dir.join("capture"), &header)?)
         }
         None => None,
@@ -130,6 +135,7 @@ pub async fn run(options: LiveOptions) -> Result<Report> {
         capture,
         json: options.json,
         reported_drops: 0,
+        cpus: kernel::possible_cpus(),
     };
 
     let scope = if options.pids.is_empty() {
@@ -154,14 +160,28 @@ pub async fn run(options: LiveOptions) -> Result<Report> {
     if let Some(capture) = &mut sink.capture {
         capture.flush().context("failed to write the capture")?;
     }
-    let report = Report::from_aggregator(&sink.aggregator, false);
+    let report = Report::from_aggregator(&sink.aggregator, &host, false);
     if let Some(dir) = &options.output_dir {
         report.write_to_dir(dir)?;
         eprintln!("stalltrace: wrote {}", dir.join("report.json").display());
     }
     eprintln!("stalltrace: {}", report.summary_line());
+    for line in report.summary.lines() {
+        eprintln!("stalltrace: {line}");
+    }
     result.and(last_scan)?;
     Ok(report)
+}
+
+/// Describes where steal figures come from, or why there are none.
+fn steal_source(config: &ProbeConfig, virtualization: &str) -> String {
+    if virtualization == "none" {
+        "none: not running under a hypervisor".to_owned()
+    } else if !config.offsets.steal_known() {
+        "none: kernel BTF lacks the run queue's steal clock".to_owned()
+    } else {
+        "rq->prev_steal_time (the paravirt steal clock the scheduler takes out of task time)".to_owned()
+    }
 }
 
 /// Returns the slice this kernel gives stalltrace's own thread, or the documented default.
@@ -245,6 +265,13 @@ fn scan(probe: &Probe, sink: &mut Sink) -> Result<()> {
     for thread in threads {
         sink.feed(Record::Snapshot { now_ns, thread })?;
     }
+    let kernel_ns = probe.cpu_steal_clocks(sink.cpus)?;
+    let proc_stat_ns = kernel::proc_stat_steal_ns()?;
+    sink.feed(Record::HostSteal {
+        now_ns,
+        kernel_ns,
+        proc_stat_ns,
+    })?;
     let (drops, untracked_threads) = probe.counters()?;
     sink.feed(Record::Tick {
         now_ns,

@@ -148,7 +148,7 @@ fn analyze(path: PathBuf, output: Option<PathBuf>) -> Result<()> {
     for record in &capture.records {
         aggregator.push(record);
     }
-    let report = Report::from_aggregator(&aggregator, capture.stopped.is_some());
+    let report = Report::from_aggregator(&aggregator, &capture.header.host, capture.stopped.is_some());
     for stall in &report.stalls {
         println!("{}", stall_line(stall));
     }
@@ -163,5 +163,8 @@ fn analyze(path: PathBuf, output: Option<PathBuf>) -> Result<()> {
     report.write_to_dir(&dir)?;
     eprintln!("stalltrace: wrote {}", dir.join("report.json").display());
     eprintln!("stalltrace: {}", report.summary_line());
+    for line in report.summary.lines() {
+        eprintln!("stalltrace: {line}");
+    }
     Ok(())
 }

@@ -11,7 +11,7 @@ use aya::{
     programs::TracePoint,
     Ebpf, EbpfLoader,
 };
-use tracer_common::{counter, LoopThread, TracepointLayout};
+use tracer_common::{counter, KernelOffsets, LoopThread, TracepointLayout};
 
 /// The BPF object built by `build.rs` from `tracer-ebpf`.
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stalltrace"));
@@ -49,8 +49,8 @@ pub struct ProbeConfig {
     /// Processes in scope; empty for every process.
     pub pids: Vec<u32>,
     pub layout: TracepointLayout,
-    /// Offset of `task_struct.se.slice`, to read the kernel's slice.
-    pub task_slice_offset: Option<u32>,
+    /// Kernel struct offsets from BTF, 0 where unknown.
+    pub offsets: KernelOffsets,
 }
 
 /// The loaded and attached BPF programs.
@@ -64,12 +64,11 @@ impl Probe {
     pub fn attach(config: &ProbeConfig) -> Result<Self> {
         let self_pid = std::process::id();
         let filter: u8 = u8::from(!config.pids.is_empty());
-        let slice_offset = config.task_slice_offset.unwrap_or(0);
         let mut ebpf = EbpfLoader::new()
             .override_global("SELF_PID", &self_pid, true)
             .override_global("FILTER_PIDS", &filter, true)
             .override_global("LAYOUT", &config.layout, true)
-            .override_global("TASK_SLICE_OFFSET", &slice_offset, true)
+            .override_global("OFFSETS", &config.offsets, true)
             .load(BPF_OBJECT)
             .context("failed to load the BPF programs (is this kernel built with CONFIG_BPF_SYSCALL and BTF?)")?;
 
@@ -133,6 +132,16 @@ impl Probe {
             Ok(values.iter().sum())
         };
         Ok((sum(counter::RINGBUF_DROPS)?, sum(counter::THREAD_MAP_FULL)?))
+    }
+
+    /// Returns each CPU's steal clock (`rq->prev_steal_time`) as of its latest
+    /// context switch, 0 for a CPU that has not switched since attach.
+    pub fn cpu_steal_clocks(&self, cpus: usize) -> Result<Vec<u64>> {
+        let clocks: Array<&MapData, u64> =
+            Array::try_from(self.ebpf.map("CPU_STEAL").context("map CPU_STEAL missing")?)?;
+        (0..cpus.min(tracer_common::MAX_CPUS as usize) as u32)
+            .map(|cpu| clocks.get(&cpu, 0).context("failed to read map CPU_STEAL"))
+            .collect()
     }
 
     /// Returns the state of every tracked loop thread that is inside an iteration.

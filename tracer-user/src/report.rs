@@ -15,7 +15,8 @@ use tracer_common::Breakdown;
 
 use crate::{
     aggregator::{Aggregator, EndedBy, Stall},
-    diagnosis::{ranked_shares, Verdict},
+    capture::HostInfo,
+    diagnosis::{ranked_shares, Owner, Verdict},
     duration::Nanos,
     kernel::syscall_name,
 };
@@ -37,7 +38,107 @@ pub struct Report {
     /// True when the capture this report was made from ended in a partial record.
     #[serde(default)]
     pub capture_truncated: bool,
+    pub host: HostReport,
+    pub summary: Summary,
     pub stalls: Vec<StallReport>,
+}
+
+/// Facts about the traced host and its steal over the run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostReport {
+    /// `kvm`, another hypervisor, or `none` on bare metal.
+    pub virtualization: String,
+    /// Where the steal figures come from, or why there are none.
+    pub steal_source: String,
+    /// Steal per CPU over the run by the run queues' steal clock; empty without a steal source.
+    pub steal_ns_per_cpu: Vec<u64>,
+    pub steal_ns_total: u64,
+    /// The same from `/proc/stat`, for comparison (resolution: one clock tick per CPU, 10 ms at USER_HZ 100).
+    pub proc_stat_steal_ns_per_cpu: Vec<u64>,
+    pub proc_stat_steal_ns_total: u64,
+}
+
+/// Stalled time by owner, and what to do about each verdict that appears.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Sum of all stalls' durations.
+    pub stalled_ns: u64,
+    /// Stalled time the hypervisor took (steal).
+    pub host_ns: u64,
+    /// Stalled time lost to the guest's own scheduling (run-queue waits, cgroup throttling).
+    pub guest_ns: u64,
+    /// Stalled time of the application itself (its CPU time, lock waits, syscalls).
+    pub application_ns: u64,
+    /// One entry per verdict that appears, most stalled time first.
+    pub verdicts: Vec<VerdictSummary>,
+}
+
+/// Stalls with one verdict, and the suggested fix.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VerdictSummary {
+    pub verdict: Verdict,
+    pub stalls: u32,
+    pub stalled_ns: u64,
+    pub suggestion: String,
+}
+
+impl Summary {
+    /// Sums the stalls' shares by owner and groups the stalls by verdict.
+    pub fn of(stalls: &[StallReport]) -> Self {
+        let mut summary = Summary::default();
+        let mut by_verdict: BTreeMap<Verdict, (u32, u64)> = BTreeMap::new();
+        for stall in stalls {
+            summary.stalled_ns += stall.duration_ns;
+            let breakdown = breakdown_of(&stall.breakdown_ns);
+            for verdict in Verdict::ALL {
+                let share = verdict.share_ns(&breakdown);
+                match verdict.owner() {
+                    Owner::Host => summary.host_ns += share,
+                    Owner::Guest => summary.guest_ns += share,
+                    Owner::Application => summary.application_ns += share,
+                }
+            }
+            let entry = by_verdict.entry(stall.verdict).or_default();
+            entry.0 += 1;
+            entry.1 += stall.duration_ns;
+        }
+        summary.verdicts = by_verdict
+            .into_iter()
+            .map(|(verdict, (count, stalled_ns))| VerdictSummary {
+                verdict,
+                stalls: count,
+                stalled_ns,
+                suggestion: verdict.suggestion().to_owned(),
+            })
+            .collect();
+        summary.verdicts.sort_by(|a, b| b.stalled_ns.cmp(&a.stalled_ns));
+        summary
+    }
+
+    /// Returns the closing lines of `watch` and `record`: time by owner, then one suggestion per verdict.
+    pub fn lines(&self) -> Vec<String> {
+        if self.stalled_ns == 0 {
+            return Vec::new();
+        }
+        let percent = |ns: u64| ns * 100 / self.stalled_ns.max(1);
+        let mut lines = vec![format!(
+            "stalled {}: host (steal) {}%, guest (run queue, throttling) {}%, application (CPU, locks, syscalls) {}%",
+            Nanos(self.stalled_ns),
+            percent(self.host_ns),
+            percent(self.guest_ns),
+            percent(self.application_ns)
+        )];
+        for entry in &self.verdicts {
+            lines.push(format!(
+                "  {} ({} stalls, {}): {}",
+                entry.verdict.key(),
+                entry.stalls,
+                Nanos(entry.stalled_ns),
+                entry.suggestion
+            ));
+        }
+        lines
+    }
 }
 
 /// One stall in `report.json`.
@@ -124,7 +225,11 @@ impl From<&Stall> for StallReport {
 
 impl Report {
     /// Builds the report of everything the aggregator has seen.
-    pub fn from_aggregator(aggregator: &Aggregator, capture_truncated: bool) -> Self {
+    pub fn from_aggregator(aggregator: &Aggregator, host: &HostInfo, capture_truncated: bool) -> Self {
+        let stalls: Vec<StallReport> = aggregator.stalls().iter().map(StallReport::from).collect();
+        let steal = aggregator.host_steal();
+        let has_steal_source = !host.steal_source.starts_with("none");
+        let kernel_ns = if has_steal_source { steal.kernel_ns } else { Vec::new() };
         Self {
             version: REPORT_VERSION,
             threshold_ns: aggregator.threshold_ns(),
@@ -132,7 +237,16 @@ impl Report {
             drops: aggregator.drops(),
             untracked_threads: aggregator.untracked_threads(),
             capture_truncated,
-            stalls: aggregator.stalls().iter().map(StallReport::from).collect(),
+            host: HostReport {
+                virtualization: host.virtualization.clone(),
+                steal_source: host.steal_source.clone(),
+                steal_ns_total: kernel_ns.iter().sum(),
+                steal_ns_per_cpu: kernel_ns,
+                proc_stat_steal_ns_total: steal.proc_stat_ns.iter().sum(),
+                proc_stat_steal_ns_per_cpu: steal.proc_stat_ns,
+            },
+            summary: Summary::of(&stalls),
+            stalls,
         }
     }
 
@@ -254,7 +368,32 @@ mod tests {
     }
 
     #[test]
+    fn summary_splits_owners() {
+        let mut stolen = sleeping_stall();
+        stolen.breakdown_ns = BreakdownNs {
+            steal: 60,
+            on_cpu: 30,
+            runqueue: 10,
+            ..BreakdownNs::default()
+        };
+        stolen.duration_ns = 100;
+        stolen.verdict = Verdict::Steal;
+
+        let summary = Summary::of(&[sleeping_stall(), stolen]);
+
+        assert_eq!(summary.stalled_ns, 300_000_100);
+        assert_eq!(summary.host_ns, 60);
+        assert_eq!(summary.guest_ns, 10);
+        assert_eq!(summary.application_ns, 300_000_030);
+        assert_eq!(summary.verdicts.len(), 2);
+        assert_eq!(summary.verdicts[0].verdict, Verdict::Syscall);
+        assert_eq!(summary.verdicts[1].stalls, 1);
+        assert!(summary.lines()[2].contains("noisy neighbour"), "{:?}", summary.lines());
+    }
+
+    #[test]
     fn report_round_trips_json() {
+        let stalls = vec![sleeping_stall()];
         let report = Report {
             version: REPORT_VERSION,
             threshold_ns: 1,
@@ -262,7 +401,9 @@ mod tests {
             drops: 3,
             untracked_threads: 0,
             capture_truncated: false,
-            stalls: vec![sleeping_stall()],
+            host: HostReport::default(),
+            summary: Summary::of(&stalls),
+            stalls,
         };
         let dir = tempfile::tempdir().unwrap();
 
