@@ -12,6 +12,12 @@ pub const TASK_COMM_LEN: usize = 16;
 /// Number of per-syscall slots kept for the blocked time of one iteration.
 pub const SYSCALL_SLOTS: usize = 8;
 
+/// Number of off-CPU stack slots kept per iteration.
+pub const STACK_SLOTS: usize = 4;
+
+/// Stack ID for a stack that was not captured.
+pub const NO_STACK: i32 = -1;
+
 /// Syscall number for time blocked outside any syscall (a page fault, for one).
 pub const SYSCALL_NONE: i32 = -1;
 /// Syscall number for time in syscalls that found no free slot.
@@ -77,6 +83,25 @@ impl Breakdown {
     }
 }
 
+/// Off-CPU time spent after switching out at one pair of stacks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StackTime {
+    /// ID in the `STACKS` map, or [`NO_STACK`].
+    pub user_stack: i32,
+    pub kernel_stack: i32,
+    /// Off-CPU nanoseconds. A slot with `ns == 0` and no stacks is free.
+    pub ns: u64,
+}
+
+impl StackTime {
+    pub const EMPTY: StackTime = StackTime {
+        user_stack: NO_STACK,
+        kernel_stack: NO_STACK,
+        ns: 0,
+    };
+}
+
 /// Blocked time inside one syscall number.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -117,6 +142,11 @@ pub struct LoopThread {
     pub steal_mark_rq: u64,
     pub breakdown: Breakdown,
     pub syscalls: [SyscallTime; SYSCALL_SLOTS],
+    /// Blocked time, and the run-queue wait after the wake-up, by the stacks the thread blocked at.
+    pub stacks: [StackTime; STACK_SLOTS],
+    /// Slot in `stacks` of the current off-CPU period, or `STACK_SLOTS` for none.
+    pub off_cpu_slot: u32,
+    pub _pad2: u32,
     pub comm: [u8; TASK_COMM_LEN],
 }
 
@@ -145,6 +175,9 @@ impl LoopThread {
                 syscall_ns: 0,
             },
             syscalls: [SyscallTime { nr: 0, _pad: 0, ns: 0 }; SYSCALL_SLOTS],
+            stacks: [StackTime::EMPTY; STACK_SLOTS],
+            off_cpu_slot: STACK_SLOTS as u32,
+            _pad2: 0,
             comm: [0; TASK_COMM_LEN],
         }
     }
@@ -166,6 +199,12 @@ impl LoopThread {
         }
         if !self.in_iteration() || elapsed == 0 {
             return;
+        }
+        if self.run_state != run_state::RUNNING {
+            let slot = self.off_cpu_slot as usize;
+            if slot < STACK_SLOTS {
+                self.stacks[slot].ns += elapsed;
+            }
         }
         match self.run_state {
             run_state::RUNNING => self.breakdown.on_cpu_ns += elapsed,
@@ -200,6 +239,26 @@ impl LoopThread {
         let last = &mut self.syscalls[SYSCALL_SLOTS - 1];
         last.nr = SYSCALL_OTHER;
         last.ns += elapsed;
+    }
+
+    /// Picks the stack slot for an off-CPU period that starts now at these stacks.
+    /// When every slot is taken by other stacks, the period's time goes to no stack.
+    #[inline(always)]
+    pub fn begin_off_cpu(&mut self, user_stack: i32, kernel_stack: i32) {
+        let mut chosen = STACK_SLOTS;
+        for i in 0..STACK_SLOTS {
+            let slot = &self.stacks[i];
+            let same = slot.user_stack == user_stack && slot.kernel_stack == kernel_stack;
+            let free = slot.ns == 0 && slot.user_stack == NO_STACK && slot.kernel_stack == NO_STACK;
+            if chosen == STACK_SLOTS && (same || free) {
+                chosen = i;
+            }
+        }
+        if chosen < STACK_SLOTS {
+            self.stacks[chosen].user_stack = user_stack;
+            self.stacks[chosen].kernel_stack = kernel_stack;
+        }
+        self.off_cpu_slot = chosen as u32;
     }
 
     /// Moves the steal of the period that ends now out of its share, then
@@ -241,6 +300,8 @@ impl LoopThread {
         self.run_state = run_state::RUNNING;
         self.breakdown = Breakdown::default();
         self.syscalls = [SyscallTime::default(); SYSCALL_SLOTS];
+        self.stacks = [StackTime::EMPTY; STACK_SLOTS];
+        self.off_cpu_slot = STACK_SLOTS as u32;
     }
 }
 
@@ -269,6 +330,16 @@ pub struct TracepointLayout {
     pub futex_uaddr: u32,
     /// `syscalls:sys_enter_futex_wait` `uaddr` (pointer).
     pub futex_wait_uaddr: u32,
+    /// `syscalls:sys_enter_futex` `op` (int).
+    pub futex_op: u32,
+    /// `syscalls:sys_enter_futex` `val` (u32): the value a wait expects.
+    pub futex_val: u32,
+    /// `syscalls:sys_enter_futex_wait` `val` (unsigned long).
+    pub futex_wait_val: u32,
+    /// `syscalls:sys_enter_futex_wake` `uaddr` (pointer).
+    pub futex_wake_uaddr: u32,
+    /// `syscalls:sys_exit_futex` `ret` (long), the same in every `sys_exit_*`.
+    pub sys_exit_ret: u32,
 }
 
 /// Byte offsets of kernel struct members, read from vmlinux BTF by the
@@ -306,6 +377,98 @@ fn min(a: u64, b: u64) -> u64 {
     }
 }
 
+/// Futex operations, from `include/uapi/linux/futex.h`.
+pub mod futex_op {
+    /// Mask of the command bits of a `futex(2)` op (without PRIVATE and CLOCK_REALTIME).
+    pub const CMD_MASK: u32 = 0x7f;
+    pub const WAIT: u32 = 0;
+    pub const WAKE: u32 = 1;
+    pub const WAKE_OP: u32 = 5;
+    pub const LOCK_PI: u32 = 6;
+    pub const UNLOCK_PI: u32 = 7;
+    pub const WAIT_BITSET: u32 = 9;
+    pub const WAKE_BITSET: u32 = 10;
+    pub const WAIT_REQUEUE_PI: u32 = 11;
+    pub const LOCK_PI2: u32 = 13;
+    /// Not a `futex(2)` op (those use the low 9 bits): a wait through the
+    /// `futex_wait(2)` syscall (6.7 and later).
+    pub const FUTEX2_WAIT: u32 = 0x1000_0000;
+    /// Not a `futex(2)` op: a wait through `futex_waitv(2)`, on several futexes.
+    pub const FUTEX2_WAITV: u32 = 0x1000_0001;
+
+    /// Returns true for ops that can block the caller until another thread acts.
+    pub fn is_wait(op: u32) -> bool {
+        if op >= FUTEX2_WAIT {
+            return op == FUTEX2_WAIT || op == FUTEX2_WAITV;
+        }
+        matches!(op & CMD_MASK, WAIT | LOCK_PI | WAIT_BITSET | WAIT_REQUEUE_PI | LOCK_PI2)
+    }
+
+    /// Returns true for priority-inheritance ops, whose futex word holds the owner's TID.
+    pub fn is_pi(op: u32) -> bool {
+        op < FUTEX2_WAIT && matches!(op & CMD_MASK, LOCK_PI | LOCK_PI2 | WAIT_REQUEUE_PI)
+    }
+
+    /// Returns true for ops that wake waiters.
+    pub fn is_wake(op: u32) -> bool {
+        op < FUTEX2_WAIT && matches!(op & CMD_MASK, WAKE | WAKE_OP | UNLOCK_PI | WAKE_BITSET)
+    }
+}
+
+/// A thread inside a futex wait syscall, the value of the `FUTEX_WAITS` map keyed by TID.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FutexWait {
+    pub pid: u32,
+    pub tid: u32,
+    /// Futex word address in the waiter's address space (0 for `futex_waitv`).
+    pub uaddr: u64,
+    /// When the wait syscall was entered.
+    pub since_ns: u64,
+    /// The `futex(2)` op, or a [`futex_op`] marker for the futex2 syscalls.
+    pub op: u32,
+    /// The value the waiter expected in the futex word.
+    pub val: u32,
+    /// User stack when the thread blocked, or [`NO_STACK`] until it blocks.
+    pub user_stack: i32,
+    pub kernel_stack: i32,
+}
+
+/// Key of the `FUTEX_TRAFFIC` map: one futex word of one process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FutexKey {
+    pub pid: u32,
+    pub _pad: u32,
+    pub uaddr: u64,
+}
+
+/// Recent traffic on a futex that someone waited on as a lock: evidence of
+/// its holder when the lock keeps no owner field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FutexTraffic {
+    /// The last thread that returned from a contended wait on it with success
+    /// and has not woken it since; 0 if none.
+    pub acquirer: u32,
+    /// The last two distinct threads that woke it, newest first; 0 if none.
+    pub wakers: [u32; 2],
+    pub _pad: u32,
+    pub acquired_ns: u64,
+    pub woken_ns: u64,
+}
+
+/// Key of the `SAMPLES` map: on-CPU samples of one stalled iteration at one pair of stacks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SampleKey {
+    pub tid: u32,
+    pub user_stack: i32,
+    pub kernel_stack: i32,
+    pub _pad: u32,
+    pub iteration: u64,
+}
+
 /// One ring-buffer record: a snapshot of a loop thread when its stall ended.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -329,4 +492,12 @@ mod user {
     unsafe impl aya::Pod for super::TracepointLayout {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::KernelOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FutexWait {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FutexKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FutexTraffic {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SampleKey {}
 }

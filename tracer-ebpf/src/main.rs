@@ -14,14 +14,16 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
         bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
-    macros::{map, tracepoint},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
+    macros::{map, perf_event, tracepoint},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
+    programs::{tracing::StackIdContext, PerfEventContext, TracePointContext},
     Global,
 };
 use tracer_common::{
-    counter, record_kind, run_state, KernelOffsets, LoopThread, StallRecord, TracepointLayout,
-    MAX_CPUS, SYSCALL_NONE,
+    counter, futex_op, record_kind, run_state, FutexKey, FutexTraffic, FutexWait, KernelOffsets,
+    LoopThread, SampleKey, StallRecord, TracepointLayout, MAX_CPUS, NO_STACK, STACK_SLOTS,
+    SYSCALL_NONE,
 };
 
 /// Process ID of stalltrace itself, never traced (its own runtime waits in epoll).
@@ -42,6 +44,11 @@ static LAYOUT: Global<TracepointLayout> = Global::new(TracepointLayout {
     sys_enter_id: 0,
     futex_uaddr: 0,
     futex_wait_uaddr: 0,
+    futex_op: 0,
+    futex_val: 0,
+    futex_wait_val: 0,
+    futex_wake_uaddr: 0,
+    sys_exit_ret: 0,
 });
 
 /// Kernel struct member offsets from vmlinux BTF; 0 where unknown.
@@ -82,6 +89,22 @@ static RQ_BY_CPU: Array<u64> = Array::with_max_entries(MAX_CPUS, 0);
 /// Each CPU's steal clock (`rq->prev_steal_time`) at its latest context switch.
 #[map]
 static CPU_STEAL: Array<u64> = Array::with_max_entries(MAX_CPUS, 0);
+
+/// User and kernel stacks, by ID.
+#[map]
+static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
+
+/// Threads in scope inside a futex wait syscall, by TID.
+#[map]
+static FUTEX_WAITS: HashMap<u32, FutexWait> = HashMap::with_max_entries(16384, 0);
+
+/// Acquirers and wakers of futexes that were waited on as locks.
+#[map]
+static FUTEX_TRAFFIC: LruHashMap<FutexKey, FutexTraffic> = LruHashMap::with_max_entries(16384, 0);
+
+/// On-CPU samples of loop threads in a stalled iteration, counted by stack.
+#[map]
+static SAMPLES: LruHashMap<SampleKey, u64> = LruHashMap::with_max_entries(16384, 0);
 
 /// Per-CPU counters, indexed by `tracer_common::counter`.
 #[map]
@@ -272,17 +295,38 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
     let next = unsafe { read_field::<i32>(&ctx, layout.switch_next_pid) }.unwrap_or(0);
     // The tracepoint fires before the switch, so `current` is still `prev`.
     let (rq, steal) = this_cpu_steal(prev == 0);
+    let prev_state = unsafe { read_field::<i64>(&ctx, layout.switch_prev_state) }.unwrap_or(0);
+    let blocking = prev_state & SLEEPING_STATE_MASK != 0;
+    let mut stacks = None;
     if let Some(state) = thread(prev as u32) {
         state.accrue(now_ns);
         state.settle_steal(rq, steal);
-        let prev_state = unsafe { read_field::<i64>(&ctx, layout.switch_prev_state) }.unwrap_or(0);
-        state.run_state = if prev_state & SLEEPING_STATE_MASK != 0 {
+        state.run_state = if blocking {
             run_state::BLOCKED
         } else if current_throttled() {
             run_state::THROTTLED
         } else {
             run_state::RUNNABLE
         };
+        // Where a thread blocks names the culprit. Where it is preempted is
+        // just where its code happened to be, which the on-CPU samples cover.
+        if blocking && state.in_iteration() {
+            let (user, kernel) = *stacks.get_or_insert_with(|| current_stacks(&ctx));
+            state.begin_off_cpu(user, kernel);
+        } else {
+            state.off_cpu_slot = STACK_SLOTS as u32;
+        }
+    }
+    if blocking {
+        if let Some(wait) = FUTEX_WAITS.get_ptr_mut(&(prev as u32)) {
+            // SAFETY: map values stay valid for the program's run.
+            let wait = unsafe { &mut *wait };
+            if wait.user_stack == NO_STACK && wait.kernel_stack == NO_STACK {
+                let (user, kernel) = *stacks.get_or_insert_with(|| current_stacks(&ctx));
+                wait.user_stack = user;
+                wait.kernel_stack = kernel;
+            }
+        }
     }
     if let Some(state) = thread(next as u32) {
         state.accrue(now_ns);
@@ -290,6 +334,14 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
         state.run_state = run_state::RUNNING;
     }
     0
+}
+
+/// Returns the current task's user and kernel stack IDs, [`NO_STACK`] where unavailable.
+#[inline(always)]
+fn current_stacks<C: StackIdContext>(ctx: &C) -> (i32, i32) {
+    let user = ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64).map_or(NO_STACK, |id| id as i32);
+    let kernel = ctx.get_stackid(&STACKS, 0).map_or(NO_STACK, |id| id as i32);
+    (user, kernel)
 }
 
 #[tracepoint]
@@ -330,6 +382,8 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
         report_if_stalled(state, record_kind::THREAD_EXIT, now_ns);
         let _ = THREADS.remove(&tid);
     }
+    // A thread killed inside a futex wait never reaches the syscall's exit.
+    let _ = FUTEX_WAITS.remove(&tid);
     0
 }
 
@@ -352,39 +406,144 @@ pub fn sys_exit(_ctx: TracePointContext) -> u32 {
     0
 }
 
+/// Tracks one futex syscall entry: loop threads' futex share, waits of threads
+/// in scope, and the wakes that tell who released a lock.
 #[inline(always)]
-fn enter_futex(uaddr: u64) {
-    let (_, tid) = current_ids();
+fn enter_futex(uaddr: u64, op: u32, val: u32) {
+    let (pid, tid) = current_ids();
     if let Some(state) = thread(tid) {
         state.in_futex = 1;
         state.futex_uaddr = uaddr;
     }
+    let key = FutexKey { pid, _pad: 0, uaddr };
+    if futex_op::is_wait(op) {
+        if !in_scope(pid) {
+            return;
+        }
+        let wait = FutexWait {
+            pid,
+            tid,
+            uaddr,
+            since_ns: unsafe { bpf_ktime_get_ns() },
+            op,
+            val,
+            user_stack: NO_STACK,
+            kernel_stack: NO_STACK,
+        };
+        let _ = FUTEX_WAITS.insert(&tid, &wait, 0);
+        // Lock implementations wait with 2 ("locked, with waiters") in the word.
+        if uaddr != 0 && (val == LOCKED_CONTENDED || futex_op::is_pi(op)) {
+            let _ = FUTEX_TRAFFIC.insert(&key, &FutexTraffic::default(), BPF_NOEXIST as u64);
+        }
+    } else if futex_op::is_wake(op) {
+        note_wake(&key, tid);
+    }
 }
+
+/// Records that `tid` woke the futex, if anyone has waited on it as a lock.
+#[inline(always)]
+fn note_wake(key: &FutexKey, tid: u32) {
+    let Some(traffic) = FUTEX_TRAFFIC.get_ptr_mut(key) else { return };
+    // SAFETY: map values stay valid for the program's run.
+    let traffic = unsafe { &mut *traffic };
+    if traffic.acquirer == tid {
+        traffic.acquirer = 0;
+    }
+    if traffic.wakers[0] != tid {
+        traffic.wakers[1] = traffic.wakers[0];
+        traffic.wakers[0] = tid;
+    }
+    traffic.woken_ns = unsafe { bpf_ktime_get_ns() };
+}
+
+/// The futex word value of glibc's and Rust's mutexes when locked with waiters.
+const LOCKED_CONTENDED: u32 = 2;
 
 #[tracepoint]
 pub fn futex_enter(ctx: TracePointContext) -> u32 {
-    enter_futex(unsafe { read_field::<u64>(&ctx, LAYOUT.load().futex_uaddr) }.unwrap_or(0));
+    let layout = LAYOUT.load();
+    let uaddr = unsafe { read_field::<u64>(&ctx, layout.futex_uaddr) }.unwrap_or(0);
+    let op = unsafe { read_field::<u32>(&ctx, layout.futex_op) }.unwrap_or(0);
+    let val = unsafe { read_field::<u32>(&ctx, layout.futex_val) }.unwrap_or(0);
+    enter_futex(uaddr, op, val);
     0
 }
 
 #[tracepoint]
 pub fn futex_wait_enter(ctx: TracePointContext) -> u32 {
-    enter_futex(unsafe { read_field::<u64>(&ctx, LAYOUT.load().futex_wait_uaddr) }.unwrap_or(0));
+    let layout = LAYOUT.load();
+    let uaddr = unsafe { read_field::<u64>(&ctx, layout.futex_wait_uaddr) }.unwrap_or(0);
+    let val = unsafe { read_field::<u64>(&ctx, layout.futex_wait_val) }.unwrap_or(0);
+    enter_futex(uaddr, futex_op::FUTEX2_WAIT, val as u32);
     0
 }
 
 /// `futex_waitv` waits on a vector of futexes, so no single address is kept.
 #[tracepoint]
 pub fn futex_waitv_enter(_ctx: TracePointContext) -> u32 {
-    enter_futex(0);
+    enter_futex(0, futex_op::FUTEX2_WAITV, 0);
     0
 }
 
 #[tracepoint]
-pub fn futex_exit(_ctx: TracePointContext) -> u32 {
-    let (_, tid) = current_ids();
+pub fn futex_wake_enter(ctx: TracePointContext) -> u32 {
+    let (pid, tid) = current_ids();
+    let uaddr = unsafe { read_field::<u64>(&ctx, LAYOUT.load().futex_wake_uaddr) }.unwrap_or(0);
+    note_wake(&FutexKey { pid, _pad: 0, uaddr }, tid);
+    0
+}
+
+#[tracepoint]
+pub fn futex_exit(ctx: TracePointContext) -> u32 {
+    let (pid, tid) = current_ids();
     if let Some(state) = thread(tid) {
         state.in_futex = 0;
+    }
+    let Some(wait) = (unsafe { FUTEX_WAITS.get(&tid) }).copied() else {
+        return 0;
+    };
+    let _ = FUTEX_WAITS.remove(&tid);
+    let ret = unsafe { read_field::<i64>(&ctx, LAYOUT.load().sys_exit_ret) }.unwrap_or(-1);
+    // Woken from a lock wait: the thread now most likely holds the lock.
+    if ret == 0 {
+        let key = FutexKey { pid, _pad: 0, uaddr: wait.uaddr };
+        if let Some(traffic) = FUTEX_TRAFFIC.get_ptr_mut(&key) {
+            // SAFETY: map values stay valid for the program's run.
+            let traffic = unsafe { &mut *traffic };
+            traffic.acquirer = tid;
+            traffic.acquired_ns = unsafe { bpf_ktime_get_ns() };
+        }
+    }
+    0
+}
+
+/// Samples the stacks of loop threads whose current iteration is past the threshold.
+#[perf_event]
+pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
+    let (_, tid) = current_ids();
+    let Some(state) = thread(tid) else { return 0 };
+    let threshold_ns = THRESHOLD_NS.get(0).copied().unwrap_or(0);
+    let now_ns = unsafe { bpf_ktime_get_ns() };
+    if threshold_ns == 0
+        || !state.in_iteration()
+        || now_ns.saturating_sub(state.iteration_start_ns) < threshold_ns
+    {
+        return 0;
+    }
+    let (user_stack, kernel_stack) = current_stacks(&ctx);
+    let key = SampleKey {
+        tid,
+        user_stack,
+        kernel_stack,
+        _pad: 0,
+        iteration: state.iteration,
+    };
+    match SAMPLES.get_ptr_mut(&key) {
+        // SAFETY: map values stay valid for the program's run.
+        Some(count) => unsafe { *count += 1 },
+        None => {
+            let _ = SAMPLES.insert(&key, &1, 0);
+        }
     }
     0
 }

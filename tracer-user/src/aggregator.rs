@@ -5,9 +5,15 @@
 //! stalls. It keeps one [`Stall`] per loop iteration that passed the
 //! threshold, open while the iteration lasts and closed when it ends.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
+use serde::{Deserialize, Serialize};
 use tracer_common::{record_kind, Breakdown, LoopThread, StallRecord, SYSCALL_SLOTS};
+
+use crate::{
+    locks::{find_cycles, HolderSource, LockWait},
+    stacks::FrameRef,
+};
 
 /// One input of the aggregator.
 #[derive(Clone, Debug)]
@@ -29,6 +35,56 @@ pub enum Record {
         kernel_ns: Vec<u64>,
         proc_stat_ns: Vec<u64>,
     },
+    /// The stacks of one stall's iteration, normalized while the process was alive.
+    StallStacks(StallStacks),
+    /// Every thread in scope blocked in a futex wait at one scan, with holders.
+    LockWaits { now_ns: u64, waits: Vec<LockWait> },
+}
+
+/// A stack with a weight: off-CPU nanoseconds, or a count of on-CPU samples.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WeightedStack {
+    pub weight: u64,
+    /// Kernel frames, innermost first.
+    pub kernel: Vec<FrameRef>,
+    /// User frames, innermost first.
+    pub user: Vec<FrameRef>,
+}
+
+/// The stacks of one loop iteration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StallStacks {
+    pub tid: u32,
+    pub iteration: u64,
+    /// Where the thread switched out, weighted by the off-CPU time that followed.
+    pub off_cpu: Vec<WeightedStack>,
+    /// On-CPU samples taken after the iteration passed the threshold, weighted by count.
+    pub samples: Vec<WeightedStack>,
+}
+
+/// One edge of a wait-for cycle: a thread waiting on a lock another thread holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CycleEdge {
+    pub waiter: u32,
+    pub waiter_pid: u32,
+    pub waiter_comm: String,
+    pub futex: String,
+    pub holder: u32,
+    pub holder_source: HolderSource,
+    /// How long the waiter had waited at the last scan that saw the cycle.
+    pub waited_ns: u64,
+}
+
+/// Threads that wait on each other's locks: a deadlock while it lasts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cycle {
+    pub tids: Vec<u32>,
+    pub futexes: Vec<String>,
+    pub edges: Vec<CycleEdge>,
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    /// True while the latest scan still sees the cycle.
+    pub ongoing: bool,
 }
 
 /// The event that ended a stall.
@@ -58,6 +114,9 @@ pub struct Stall {
     pub breakdown: Breakdown,
     /// Blocked time by syscall number, largest first.
     pub syscalls: Vec<(i32, u64)>,
+    /// True once the thread was seen in a wait-for cycle during this stall.
+    pub in_cycle: bool,
+    pub stacks: Option<StallStacks>,
     /// Time of the newest record about this stall.
     updated_ns: u64,
 }
@@ -82,8 +141,19 @@ impl Stall {
             ended_by,
             breakdown: thread.breakdown,
             syscalls,
+            in_cycle: false,
+            stacks: None,
             updated_ns: end_ns,
         }
+    }
+
+    /// Replaces the measured fields with a newer view of the same iteration.
+    fn update_from(&mut self, newer: Stall) {
+        let in_cycle = self.in_cycle;
+        let stacks = self.stacks.take();
+        *self = newer;
+        self.in_cycle = in_cycle;
+        self.stacks = stacks;
     }
 
     /// Returns true while the stall lasts.
@@ -105,6 +175,8 @@ pub enum Event {
     Detected(usize),
     /// A stall ended. It may not have been detected before.
     Ended(usize),
+    /// A wait-for cycle was found, by index into [`Aggregator::cycles`].
+    CycleDetected(usize),
 }
 
 /// Steal per CPU over the traced time, by the two clocks of [`Record::HostSteal`].
@@ -160,6 +232,11 @@ pub struct Aggregator {
     untracked_threads: u64,
     kernel_steal: StealSpan,
     proc_stat_steal: StealSpan,
+    cycles: Vec<Cycle>,
+    /// Cycles seen at the latest scan, by their sorted TIDs.
+    active_cycles: HashMap<Vec<u32>, usize>,
+    /// Lock waits of the latest scan.
+    lock_waits: Vec<LockWait>,
 }
 
 impl Aggregator {
@@ -175,7 +252,25 @@ impl Aggregator {
             untracked_threads: 0,
             kernel_steal: StealSpan::default(),
             proc_stat_steal: StealSpan::default(),
+            cycles: Vec::new(),
+            active_cycles: HashMap::new(),
+            lock_waits: Vec::new(),
         }
+    }
+
+    /// Wait-for cycles in the order they were found.
+    pub fn cycles(&self) -> &[Cycle] {
+        &self.cycles
+    }
+
+    /// Lock waits seen by the latest scan.
+    pub fn lock_waits(&self) -> &[LockWait] {
+        &self.lock_waits
+    }
+
+    /// Returns (TID, iteration) of every stall that has not ended.
+    pub fn open_iterations(&self) -> Vec<(u32, u64)> {
+        self.open.keys().copied().collect()
     }
 
     /// Returns the steal per CPU between the first and the latest [`Record::HostSteal`].
@@ -248,6 +343,22 @@ impl Aggregator {
                 self.proc_stat_steal.observe(proc_stat_ns);
                 Vec::new()
             }
+            Record::StallStacks(stacks) => {
+                let stall = self
+                    .stalls
+                    .iter_mut()
+                    .rev()
+                    .find(|stall| stall.tid == stacks.tid && stall.iteration == stacks.iteration);
+                if let Some(stall) = stall {
+                    stall.stacks = Some(stacks.clone());
+                }
+                Vec::new()
+            }
+            Record::LockWaits { now_ns, waits } => {
+                self.observe_time(*now_ns);
+                self.lock_waits = waits.clone();
+                self.update_cycles(*now_ns)
+            }
         }
     }
 
@@ -270,7 +381,7 @@ impl Aggregator {
         let stall = Stall::from_thread(&thread, end_ns, None);
         match self.open.get(&(thread.tid, thread.iteration)) {
             Some(&index) => {
-                self.stalls[index] = stall;
+                self.stalls[index].update_from(stall);
                 Vec::new()
             }
             None => {
@@ -286,7 +397,7 @@ impl Aggregator {
         let stall = Stall::from_thread(thread, end_ns, Some(ended_by));
         let index = match self.open.remove(&(thread.tid, thread.iteration)) {
             Some(index) => {
-                self.stalls[index] = stall;
+                self.stalls[index].update_from(stall);
                 index
             }
             None => {
@@ -295,6 +406,68 @@ impl Aggregator {
             }
         };
         vec![Event::Ended(index)]
+    }
+
+    /// Rebuilds the wait-for cycles from the latest lock waits, and marks the
+    /// open stalls of threads in a cycle.
+    fn update_cycles(&mut self, now_ns: u64) -> Vec<Event> {
+        let mut events = Vec::new();
+        let mut seen = HashSet::new();
+        let mut threads_in_cycles = HashSet::new();
+        for members in find_cycles(&self.lock_waits) {
+            let edges: Vec<CycleEdge> = members
+                .iter()
+                .map(|&index| {
+                    let wait = &self.lock_waits[index];
+                    CycleEdge {
+                        waiter: wait.tid,
+                        waiter_pid: wait.pid,
+                        waiter_comm: wait.comm.clone(),
+                        futex: wait.futex.clone(),
+                        holder: wait.holder.unwrap_or(0),
+                        holder_source: wait.holder_source,
+                        waited_ns: now_ns.saturating_sub(wait.since_ns),
+                    }
+                })
+                .collect();
+            let mut key: Vec<u32> = edges.iter().map(|edge| edge.waiter).collect();
+            key.sort_unstable();
+            threads_in_cycles.extend(key.iter().copied());
+            seen.insert(key.clone());
+            match self.active_cycles.get(&key) {
+                Some(&index) => {
+                    let cycle = &mut self.cycles[index];
+                    cycle.edges = edges;
+                    cycle.last_seen_ns = now_ns;
+                }
+                None => {
+                    let index = self.cycles.len();
+                    self.cycles.push(Cycle {
+                        tids: edges.iter().map(|edge| edge.waiter).collect(),
+                        futexes: edges.iter().map(|edge| edge.futex.clone()).collect(),
+                        edges,
+                        first_seen_ns: now_ns,
+                        last_seen_ns: now_ns,
+                        ongoing: true,
+                    });
+                    self.active_cycles.insert(key, index);
+                    events.push(Event::CycleDetected(index));
+                }
+            }
+        }
+        self.active_cycles.retain(|key, index| {
+            let still = seen.contains(key);
+            if !still {
+                self.cycles[*index].ongoing = false;
+            }
+            still
+        });
+        for &index in self.open.values() {
+            if threads_in_cycles.contains(&self.stalls[index].tid) {
+                self.stalls[index].in_cycle = true;
+            }
+        }
+        events
     }
 
     /// Closes open stalls that no scan has seen since the tick before the last:

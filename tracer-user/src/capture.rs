@@ -38,6 +38,17 @@ const TAG_STALL: u8 = 1;
 const TAG_SNAPSHOT: u8 = 2;
 const TAG_TICK: u8 = 3;
 const TAG_HOST_STEAL: u8 = 4;
+/// JSON payload: [`crate::aggregator::StallStacks`].
+const TAG_STALL_STACKS: u8 = 5;
+/// JSON payload: [`LockWaitsFrame`].
+const TAG_LOCK_WAITS: u8 = 6;
+
+/// Payload of a lock-waits frame.
+#[derive(Serialize, Deserialize)]
+struct LockWaitsFrame {
+    now_ns: u64,
+    waits: Vec<crate::locks::LockWait>,
+}
 
 /// Metadata at the start of a capture.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -130,6 +141,18 @@ impl CaptureWriter {
                     }
                 }
                 self.frame(TAG_HOST_STEAL, &[&payload])
+            }
+            Record::StallStacks(stacks) => {
+                let payload = serde_json::to_vec(stacks).map_err(io::Error::other)?;
+                self.frame(TAG_STALL_STACKS, &[&payload])
+            }
+            Record::LockWaits { now_ns, waits } => {
+                let frame = LockWaitsFrame {
+                    now_ns: *now_ns,
+                    waits: waits.clone(),
+                };
+                let payload = serde_json::to_vec(&frame).map_err(io::Error::other)?;
+                self.frame(TAG_LOCK_WAITS, &[&payload])
             }
         }
     }
@@ -239,6 +262,7 @@ fn read_frame(cursor: &mut Cursor<'_>) -> std::result::Result<Record, String> {
         // Two arrays of one u64 per CPU, after the time and the CPU count.
         TAG_HOST_STEAL if len >= 16 && (len - 16) % 16 == 0 && (len - 16) / 16 <= MAX_CPUS as usize => len,
         TAG_HOST_STEAL => return Err(format!("steal record of {len} bytes is invalid: the file is corrupted")),
+        TAG_STALL_STACKS | TAG_LOCK_WAITS => len,
         other => return Err(format!("unknown record tag {other}: the file is corrupted")),
     };
     if len != expected {
@@ -246,6 +270,19 @@ fn read_frame(cursor: &mut Cursor<'_>) -> std::result::Result<Record, String> {
     }
     let payload = cursor.take(len).ok_or(CUT)?;
     let u64_at = |at: usize| u64::from_le_bytes(payload[at..at + 8].try_into().expect("8 bytes"));
+    if tag == TAG_STALL_STACKS {
+        let stacks = serde_json::from_slice(payload)
+            .map_err(|error| format!("stack record is not valid JSON ({error}): the file is corrupted"))?;
+        return Ok(Record::StallStacks(stacks));
+    }
+    if tag == TAG_LOCK_WAITS {
+        let frame: LockWaitsFrame = serde_json::from_slice(payload)
+            .map_err(|error| format!("lock-wait record is not valid JSON ({error}): the file is corrupted"))?;
+        return Ok(Record::LockWaits {
+            now_ns: frame.now_ns,
+            waits: frame.waits,
+        });
+    }
     if tag == TAG_HOST_STEAL {
         let cpus = (len - 16) / 16;
         if u64_at(8) != cpus as u64 {

@@ -19,6 +19,8 @@ pub enum Verdict {
     Futex,
     /// Blocked in another syscall.
     Syscall,
+    /// Waiting in a circle of threads that each hold a lock the next one wants.
+    LockCycle,
 }
 
 impl Verdict {
@@ -41,6 +43,7 @@ impl Verdict {
             Verdict::Throttled => "throttled",
             Verdict::Futex => "futex",
             Verdict::Syscall => "syscall",
+            Verdict::LockCycle => "lock_cycle",
         }
     }
 
@@ -53,6 +56,8 @@ impl Verdict {
             Verdict::Throttled => breakdown.throttled_ns,
             Verdict::Futex => breakdown.futex_ns,
             Verdict::Syscall => breakdown.syscall_ns,
+            // A cycle is a state of the threads, not a share of time: its time is in `futex`.
+            Verdict::LockCycle => 0,
         }
     }
 
@@ -74,7 +79,7 @@ impl Verdict {
         match self {
             Verdict::Steal => Owner::Host,
             Verdict::Runqueue | Verdict::Throttled => Owner::Guest,
-            Verdict::OnCpu | Verdict::Futex | Verdict::Syscall => Owner::Application,
+            Verdict::OnCpu | Verdict::Futex | Verdict::Syscall | Verdict::LockCycle => Owner::Application,
         }
     }
 
@@ -98,6 +103,9 @@ impl Verdict {
             }
             Verdict::Syscall => {
                 "The loop thread blocked in a syscall: make the call non-blocking or move it to a worker thread."
+            }
+            Verdict::LockCycle => {
+                "Threads wait on each other's locks (a deadlock): take the locks in one global order; only a restart frees these threads."
             }
         }
     }
@@ -186,7 +194,7 @@ mod tests {
 
     #[test]
     fn verdict_keys_match_serde() {
-        for verdict in Verdict::ALL {
+        for verdict in Verdict::ALL.into_iter().chain([Verdict::LockCycle]) {
             let json = serde_json::to_string(&verdict).unwrap();
             assert_eq!(json, format!("\"{}\"", verdict.key()));
         }

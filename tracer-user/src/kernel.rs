@@ -92,6 +92,11 @@ pub fn tracepoint_layout(tracefs: &Path) -> Result<TracepointLayout> {
         sys_enter_id: field_offset(tracefs, "raw_syscalls", "sys_enter", "id")?,
         futex_uaddr: field_offset(tracefs, "syscalls", "sys_enter_futex", "uaddr")?,
         futex_wait_uaddr: field_offset(tracefs, "syscalls", "sys_enter_futex_wait", "uaddr")?,
+        futex_op: field_offset(tracefs, "syscalls", "sys_enter_futex", "op")?,
+        futex_val: field_offset(tracefs, "syscalls", "sys_enter_futex", "val")?,
+        futex_wait_val: field_offset(tracefs, "syscalls", "sys_enter_futex_wait", "val")?,
+        futex_wake_uaddr: field_offset(tracefs, "syscalls", "sys_enter_futex_wake", "uaddr")?,
+        sys_exit_ret: field_offset(tracefs, "syscalls", "sys_exit_futex", "ret")?,
     })
 }
 

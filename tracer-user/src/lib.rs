@@ -8,9 +8,13 @@
 
 pub mod aggregator;
 pub mod capture;
+pub mod compare;
 pub mod diagnosis;
 pub mod duration;
+pub mod flame;
 pub mod kernel;
 pub mod live;
+pub mod locks;
 pub mod probe;
 pub mod report;
+pub mod stacks;

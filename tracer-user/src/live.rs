@@ -14,15 +14,18 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     time::{interval, sleep, MissedTickBehavior},
 };
-use tracer_common::StallRecord;
+use tracer_common::{LoopThread, StallRecord};
 
 use crate::{
     aggregator::{Aggregator, Event, Record},
+    aggregator::{StallStacks, WeightedStack},
     capture::{CaptureHeader, CaptureWriter, HostInfo},
+    locks::{KernelView, LockScanner},
+    stacks::{FrameRef, Normalizer, Symbolizer},
     duration::Nanos,
     kernel,
     probe::{Probe, ProbeConfig},
-    report::{stall_line, JsonLine, Report, StallReport},
+    report::{cycle_line, stall_line, CycleJsonLine, JsonLine, Report, StallReport},
 };
 
 /// How often the thread map is scanned for ongoing stalls.
@@ -56,6 +59,8 @@ struct Sink {
     json: bool,
     reported_drops: u64,
     cpus: usize,
+    normalizer: Normalizer,
+    locks: LockScanner,
 }
 
 impl Sink {
@@ -64,12 +69,23 @@ impl Sink {
             capture.write(&record).context("failed to write the capture")?;
         }
         for event in self.aggregator.push(&record) {
+            let mut out = std::io::stdout().lock();
             let (name, index) = match event {
                 Event::Detected(index) => ("detected", index),
                 Event::Ended(index) => ("ended", index),
+                Event::CycleDetected(index) => {
+                    let cycle = &self.aggregator.cycles()[index];
+                    if self.json {
+                        let line = serde_json::to_string(&CycleJsonLine { event: "cycle", cycle })?;
+                        writeln!(out, "{line}")?;
+                    } else {
+                        writeln!(out, "{}", cycle_line(cycle))?;
+                    }
+                    out.flush()?;
+                    continue;
+                }
             };
             let stall = StallReport::from(&self.aggregator.stalls()[index]);
-            let mut out = std::io::stdout().lock();
             if self.json {
                 let line = serde_json::to_string(&JsonLine { event: name, stall: &stall })?;
                 writeln!(out, "{line}")?;
@@ -136,6 +152,8 @@ pub async fn run(options: LiveOptions) -> Result<Report> {
         json: options.json,
         reported_drops: 0,
         cpus: kernel::possible_cpus(),
+        normalizer: Normalizer::new(),
+        locks: LockScanner::new(),
     };
 
     let scope = if options.pids.is_empty() {
@@ -151,18 +169,21 @@ pub async fn run(options: LiveOptions) -> Result<Report> {
     // SAFETY: the AsyncFd owns the ring buffer, so its descriptor stays open while registered.
     let mut events = unsafe { AsyncFd::register(probe.take_events()?) }
         .map_err(|error| anyhow!("failed to poll the ring buffer: {}", error))?;
-    let result = trace(&probe, &mut events, &mut sink, &options).await;
-    // Whatever stopped the loop, take a last look so ongoing stalls are reported with their current length.
-    let last_scan = drain(events.get_mut(), &mut sink).and_then(|()| scan(&probe, &mut sink));
+    let result = trace(&mut probe, &mut events, &mut sink, &options).await;
+    // Whatever stopped the loop, take a last look so ongoing stalls are reported
+    // with their current length and stacks.
+    let last_scan = drain(&mut probe, events.get_mut(), &mut sink)
+        .and_then(|()| scan(&mut probe, &mut sink))
+        .and_then(|()| capture_open_stacks(&mut probe, &mut sink));
     drop(events);
     drop(probe);
     tracing::info!("BPF programs detached");
     if let Some(capture) = &mut sink.capture {
         capture.flush().context("failed to write the capture")?;
     }
-    let report = Report::from_aggregator(&sink.aggregator, &host, false);
+    let (report, flame) = Report::build(&sink.aggregator, &host, false, &mut Symbolizer::new());
     if let Some(dir) = &options.output_dir {
-        report.write_to_dir(dir)?;
+        report.write_outputs(&flame, dir)?;
         eprintln!("stalltrace: wrote {}", dir.join("report.json").display());
     }
     eprintln!("stalltrace: {}", report.summary_line());
@@ -204,7 +225,7 @@ async fn default_threshold(probe: &Probe) -> u64 {
 }
 
 async fn trace(
-    probe: &Probe,
+    probe: &mut Probe,
     events: &mut AsyncFd<RingBuf<MapData>>,
     sink: &mut Sink,
     options: &LiveOptions,
@@ -220,11 +241,11 @@ async fn trace(
         tokio::select! {
             guard = events.readable_mut() => {
                 let mut guard = guard.context("failed to poll the ring buffer")?;
-                drain(guard.get_inner_mut(), sink)?;
+                drain(probe, guard.get_inner_mut(), sink)?;
                 guard.clear_ready();
             }
             _ = ticks.tick() => {
-                drain(events.get_mut(), sink)?;
+                drain(probe, events.get_mut(), sink)?;
                 scan(probe, sink)?;
                 if !options.pids.is_empty() && options.pids.iter().all(|&pid| !kernel::process_exists(pid)) {
                     eprintln!("stalltrace: every traced process has exited, stopping");
@@ -244,7 +265,8 @@ async fn trace(
     }
 }
 
-fn drain(events: &mut RingBuf<MapData>, sink: &mut Sink) -> Result<()> {
+/// Feeds every ended stall in the ring buffer, each followed by its stacks.
+fn drain(probe: &mut Probe, events: &mut RingBuf<MapData>, sink: &mut Sink) -> Result<()> {
     while let Some(item) = events.next() {
         if item.len() < std::mem::size_of::<StallRecord>() {
             tracing::warn!(len = item.len(), "ignoring a short ring-buffer record");
@@ -254,17 +276,80 @@ fn drain(events: &mut RingBuf<MapData>, sink: &mut Sink) -> Result<()> {
         let record = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<StallRecord>()) };
         drop(item);
         sink.feed(Record::Stall(record))?;
+        let stacks = stall_stacks(probe, &mut sink.normalizer, &record.thread)?;
+        sink.feed(Record::StallStacks(stacks))?;
     }
     Ok(())
 }
 
-/// Feeds a snapshot of every thread in an iteration, then a tick with the loss counters.
-fn scan(probe: &Probe, sink: &mut Sink) -> Result<()> {
+/// Resolves the off-CPU stacks and on-CPU samples of a thread's current
+/// iteration, and removes the samples from the kernel's table.
+fn stall_stacks(probe: &mut Probe, normalizer: &mut Normalizer, thread: &LoopThread) -> Result<StallStacks> {
+    let mut resolve = |user_stack: i32, kernel_stack: i32, weight: u64| WeightedStack {
+        weight,
+        kernel: probe.stack(kernel_stack).into_iter().map(FrameRef::Kernel).collect(),
+        user: normalizer.normalize_user(thread.pid, &probe.stack(user_stack)),
+    };
+    let off_cpu: Vec<WeightedStack> = thread
+        .stacks
+        .iter()
+        .filter(|slot| slot.ns > 0)
+        .map(|slot| resolve(slot.user_stack, slot.kernel_stack, slot.ns))
+        .collect();
+    let samples = probe.take_samples(&[(thread.tid, thread.iteration)])?;
+    let samples = samples
+        .into_iter()
+        .map(|(key, count)| {
+            let user = normalizer.normalize_user(thread.pid, &probe.stack(key.user_stack));
+            let kernel = probe.stack(key.kernel_stack).into_iter().map(FrameRef::Kernel).collect();
+            WeightedStack { weight: count, kernel, user }
+        })
+        .collect();
+    Ok(StallStacks {
+        tid: thread.tid,
+        iteration: thread.iteration,
+        off_cpu,
+        samples,
+    })
+}
+
+/// Feeds the stacks of every stall that is still open, for the report at the end.
+fn capture_open_stacks(probe: &mut Probe, sink: &mut Sink) -> Result<()> {
+    let open = sink.aggregator.open_iterations();
+    let now_ns = monotonic_ns();
+    for mut thread in probe.threads_in_iteration()? {
+        if !open.contains(&(thread.tid, thread.iteration)) {
+            continue;
+        }
+        // Bring the current off-CPU period into its stack slot, as a snapshot does.
+        thread.accrue(now_ns);
+        let stacks = stall_stacks(probe, &mut sink.normalizer, &thread)?;
+        sink.feed(Record::StallStacks(stacks))?;
+    }
+    Ok(())
+}
+
+/// Feeds a snapshot of every thread in an iteration, the lock waits, the
+/// steal clocks, then a tick with the loss counters.
+fn scan(probe: &mut Probe, sink: &mut Sink) -> Result<()> {
     let threads = probe.threads_in_iteration()?;
     let now_ns = monotonic_ns();
     for thread in threads {
         sink.feed(Record::Snapshot { now_ns, thread })?;
     }
+    let waits = probe.futex_waits()?;
+    let idle_loop_threads = probe.threads_in_wait()?;
+    let view = KernelView {
+        waits: &waits,
+        idle_loop_threads: &idle_loop_threads,
+        traffic: &|pid, uaddr| probe.futex_traffic(pid, uaddr),
+        stack: &|id| probe.stack(id),
+    };
+    let lock_waits = sink.locks.scan(&view);
+    sink.feed(Record::LockWaits {
+        now_ns,
+        waits: lock_waits,
+    })?;
     let kernel_ns = probe.cpu_steal_clocks(sink.cpus)?;
     let proc_stat_ns = kernel::proc_stat_steal_ns()?;
     sink.feed(Record::HostSteal {

@@ -10,6 +10,7 @@ use stalltrace::{
     duration::CliDuration,
     live::{self, LiveOptions},
     report::{stall_line, Report},
+    stacks::Symbolizer,
 };
 
 #[derive(Parser)]
@@ -148,7 +149,12 @@ fn analyze(path: PathBuf, output: Option<PathBuf>) -> Result<()> {
     for record in &capture.records {
         aggregator.push(record);
     }
-    let report = Report::from_aggregator(&aggregator, &capture.header.host, capture.stopped.is_some());
+    let (report, flame) = Report::build(
+        &aggregator,
+        &capture.header.host,
+        capture.stopped.is_some(),
+        &mut Symbolizer::new(),
+    );
     for stall in &report.stalls {
         println!("{}", stall_line(stall));
     }
@@ -160,7 +166,7 @@ fn analyze(path: PathBuf, output: Option<PathBuf>) -> Result<()> {
             .unwrap_or_else(|| PathBuf::from(".")),
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("failed to create output folder {}", dir.display()))?;
-    report.write_to_dir(&dir)?;
+    report.write_outputs(&flame, &dir)?;
     eprintln!("stalltrace: wrote {}", dir.join("report.json").display());
     eprintln!("stalltrace: {}", report.summary_line());
     for line in report.summary.lines() {

@@ -7,11 +7,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, StackTraceMap},
+    programs::{
+        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+        PerfEvent, TracePoint,
+    },
+    util::online_cpus,
     Ebpf, EbpfLoader,
 };
-use tracer_common::{counter, KernelOffsets, LoopThread, TracepointLayout};
+use tracer_common::{
+    counter, FutexKey, FutexTraffic, FutexWait, KernelOffsets, LoopThread, SampleKey, TracepointLayout,
+};
 
 /// The BPF object built by `build.rs` from `tracer-ebpf`.
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stalltrace"));
@@ -37,12 +43,17 @@ const ATTACHMENTS: &[(&str, &str, &[&str])] = &[
     ("futex_enter", "syscalls", &["sys_enter_futex"]),
     ("futex_wait_enter", "syscalls", &["sys_enter_futex_wait"]),
     ("futex_waitv_enter", "syscalls", &["sys_enter_futex_waitv"]),
+    ("futex_wake_enter", "syscalls", &["sys_enter_futex_wake"]),
     (
         "futex_exit",
         "syscalls",
         &["sys_exit_futex", "sys_exit_futex_wait", "sys_exit_futex_waitv"],
     ),
 ];
+
+/// On-CPU sampling rate of stalled loop threads, per CPU. 99 rather than 100
+/// so samples do not march in step with timers that fire at round rates.
+pub const SAMPLE_HZ: u64 = 99;
 
 /// Load-time configuration of the BPF programs.
 pub struct ProbeConfig {
@@ -97,6 +108,25 @@ impl Probe {
                     .with_context(|| format!("failed to attach {name} to tracepoint {category}:{tracepoint}"))?;
                 attached += 1;
             }
+        }
+        let sampler: &mut PerfEvent = ebpf
+            .program_mut("on_cpu_sample")
+            .ok_or_else(|| anyhow!("program on_cpu_sample missing from the BPF object"))?
+            .try_into()?;
+        sampler
+            .load()
+            .context("the kernel rejected BPF program on_cpu_sample")?;
+        let cpus = online_cpus().map_err(|(path, error)| anyhow!("failed to read {path}: {error}"))?;
+        for cpu in cpus {
+            sampler
+                .attach(
+                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                    PerfEventScope::AllProcessesOneCpu { cpu },
+                    SamplePolicy::Frequency(SAMPLE_HZ),
+                    false,
+                )
+                .with_context(|| format!("failed to attach the CPU clock sampler on CPU {cpu}"))?;
+            attached += 1;
         }
         tracing::info!(attached, "BPF programs attached");
         Ok(Self { ebpf, attached })
@@ -159,6 +189,82 @@ impl Probe {
             }
         }
         Ok(found)
+    }
+
+    /// Returns the TIDs of loop threads waiting in their event loop's wait call.
+    pub fn threads_in_wait(&self) -> Result<std::collections::HashSet<u32>> {
+        let threads: HashMap<&MapData, u32, LoopThread> =
+            HashMap::try_from(self.ebpf.map("THREADS").context("map THREADS missing")?)?;
+        let mut waiting = std::collections::HashSet::new();
+        for entry in threads.iter() {
+            match entry {
+                Ok((tid, thread)) if !thread.in_iteration() => {
+                    waiting.insert(tid);
+                }
+                Ok(_) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(error) => return Err(error).context("failed to read map THREADS"),
+            }
+        }
+        Ok(waiting)
+    }
+
+    /// Returns every thread in scope that is inside a futex wait syscall.
+    pub fn futex_waits(&self) -> Result<Vec<FutexWait>> {
+        let waits: HashMap<&MapData, u32, FutexWait> =
+            HashMap::try_from(self.ebpf.map("FUTEX_WAITS").context("map FUTEX_WAITS missing")?)?;
+        let mut found = Vec::new();
+        for entry in waits.iter() {
+            match entry {
+                Ok((_, wait)) => found.push(wait),
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(error) => return Err(error).context("failed to read map FUTEX_WAITS"),
+            }
+        }
+        Ok(found)
+    }
+
+    /// Returns the recent acquirer and wakers of a futex, if it was waited on as a lock.
+    pub fn futex_traffic(&self, pid: u32, uaddr: u64) -> Option<FutexTraffic> {
+        let traffic: HashMap<&MapData, FutexKey, FutexTraffic> =
+            HashMap::try_from(self.ebpf.map("FUTEX_TRAFFIC")?).ok()?;
+        traffic.get(&FutexKey { pid, _pad: 0, uaddr }, 0).ok()
+    }
+
+    /// Returns the instruction addresses of a captured stack, innermost first, or
+    /// nothing for `NO_STACK` or an ID no longer in the map.
+    pub fn stack(&self, id: i32) -> Vec<u64> {
+        let Ok(id) = u32::try_from(id) else {
+            return Vec::new();
+        };
+        let Some(map) = self.ebpf.map("STACKS") else {
+            return Vec::new();
+        };
+        let Ok(stacks) = StackTraceMap::<&MapData>::try_from(map) else {
+            return Vec::new();
+        };
+        stacks
+            .get(&id, 0)
+            .map(|trace| trace.frames().iter().map(|frame| frame.ip).collect())
+            .unwrap_or_default()
+    }
+
+    /// Removes and returns the on-CPU samples of the given iterations, by (TID, iteration).
+    pub fn take_samples(&mut self, iterations: &[(u32, u64)]) -> Result<Vec<(SampleKey, u64)>> {
+        let mut samples: HashMap<&mut MapData, SampleKey, u64> =
+            HashMap::try_from(self.ebpf.map_mut("SAMPLES").context("map SAMPLES missing")?)?;
+        let mut taken = Vec::new();
+        for entry in samples.iter() {
+            match entry {
+                Ok((key, count)) if iterations.contains(&(key.tid, key.iteration)) => taken.push((key, count)),
+                Ok(_) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(error) => return Err(error).context("failed to read map SAMPLES"),
+            }
+        }
+        for (key, _) in &taken {
+            // Already gone means the LRU evicted it after the walk, which loses nothing more.
+            let _ = samples.remove(key);
+        }
+        Ok(taken)
     }
 
     /// Waits up to `timeout` for the BPF side to read this process's scheduler slice.

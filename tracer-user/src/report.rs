@@ -14,7 +14,10 @@ use serde::{Deserialize, Serialize};
 use tracer_common::Breakdown;
 
 use crate::{
-    aggregator::{Aggregator, EndedBy, Stall},
+    aggregator::{Aggregator, Cycle, EndedBy, Stall, WeightedStack},
+    flame::{culprits, folded_lines, write_folded, write_svg, Culprit, FlameStall, SVG_TITLE},
+    locks::{HolderSource, LockWait},
+    stacks::{stack_truncated, Frame, Symbolizer},
     capture::HostInfo,
     diagnosis::{ranked_shares, Owner, Verdict},
     duration::Nanos,
@@ -23,6 +26,9 @@ use crate::{
 
 /// Version of the `report.json` schema.
 pub const REPORT_VERSION: u32 = 1;
+
+/// Culprit frames listed per verdict.
+const CULPRITS_PER_VERDICT: usize = 5;
 
 /// Contents of `report.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -41,6 +47,15 @@ pub struct Report {
     pub host: HostReport,
     pub summary: Summary,
     pub stalls: Vec<StallReport>,
+    /// Wait-for cycles found while tracing.
+    #[serde(default)]
+    pub cycles: Vec<Cycle>,
+    /// Threads blocked in a futex wait at the last scan.
+    #[serde(default)]
+    pub futex_waits: Vec<LockWait<Frame>>,
+    /// Per verdict, the frames that own the most stalled time.
+    #[serde(default)]
+    pub culprits: Vec<Culprit>,
 }
 
 /// Facts about the traced host and its steal over the run.
@@ -157,6 +172,14 @@ pub struct StallReport {
     pub breakdown_ns: BreakdownNs,
     /// Blocked time by syscall name.
     pub syscalls: BTreeMap<String, u64>,
+    /// The stack that owns the most of the stall's time, innermost first;
+    /// empty when no stack was captured.
+    #[serde(default)]
+    pub stack: Vec<Frame>,
+    /// True when the user part of `stack` stops before the thread's entry
+    /// point, as it does in code built without frame pointers.
+    #[serde(default)]
+    pub stack_truncated: bool,
 }
 
 /// The breakdown of a stall, keyed as in verdicts.
@@ -203,6 +226,7 @@ fn ended_by_key(ended_by: Option<EndedBy>) -> Option<String> {
 }
 
 impl From<&Stall> for StallReport {
+    /// Converts without stacks; [`Report::build`] fills them in.
     fn from(stall: &Stall) -> Self {
         let mut syscalls = BTreeMap::new();
         for &(nr, ns) in &stall.syscalls {
@@ -216,15 +240,128 @@ impl From<&Stall> for StallReport {
             duration_ns: stall.duration_ns,
             ongoing: stall.ongoing(),
             ended_by: ended_by_key(stall.ended_by),
-            verdict: Verdict::of(&stall.breakdown),
+            verdict: if stall.in_cycle {
+                Verdict::LockCycle
+            } else {
+                Verdict::of(&stall.breakdown)
+            },
             breakdown_ns: BreakdownNs::from(&stall.breakdown),
             syscalls,
+            stack: Vec::new(),
+            stack_truncated: false,
         }
     }
 }
 
+/// Frame name for stalled time that no captured stack covers.
+pub const UNATTRIBUTED: &str = "[unattributed]";
+
+fn placeholder_frame(name: &str) -> Frame {
+    Frame {
+        name: name.to_owned(),
+        module: String::new(),
+        file: None,
+        line: None,
+        inlined: false,
+    }
+}
+
+/// Returns the frames of a weighted stack, kernel frames first, innermost first.
+fn symbolize_stack(stack: &WeightedStack, symbolizer: &mut Symbolizer) -> (Vec<Frame>, bool) {
+    let user = symbolizer.symbolize(&stack.user);
+    let truncated = !user.is_empty() && stack_truncated(&user);
+    let mut frames = symbolizer.symbolize(&stack.kernel);
+    frames.extend(user);
+    (frames, truncated)
+}
+
+/// Splits a stall's duration over its stacks: blocked time to the stack the
+/// thread blocked at, and the rest (on-CPU time, preemption, steal, throttling)
+/// over the on-CPU samples by count. Time that no stack covers (a stall with no
+/// sample) goes to [`UNATTRIBUTED`]. The weights add up to the stall's duration.
+fn stall_flame(
+    stall: &Stall,
+    report: &StallReport,
+    stall_id: u64,
+    symbolizer: &mut Symbolizer,
+) -> (Vec<FlameStall>, Vec<Frame>, bool) {
+    let verdict = report.verdict.key().to_owned();
+    let mut parts: Vec<(Vec<Frame>, bool, u64)> = Vec::new();
+    let mut assigned = 0u64;
+    if let Some(stacks) = &stall.stacks {
+        let blocked: u64 = stacks.off_cpu.iter().map(|stack| stack.weight).sum();
+        let running = stall.duration_ns.saturating_sub(blocked);
+        let samples: u64 = stacks.samples.iter().map(|stack| stack.weight).sum();
+        for stack in &stacks.off_cpu {
+            let (frames, truncated) = symbolize_stack(stack, symbolizer);
+            parts.push((frames, truncated, stack.weight));
+        }
+        for stack in &stacks.samples {
+            let weight = (u128::from(running) * u128::from(stack.weight) / u128::from(samples.max(1))) as u64;
+            let (frames, truncated) = symbolize_stack(stack, symbolizer);
+            parts.push((frames, truncated, weight));
+        }
+    }
+    for part in &mut parts {
+        part.2 = part.2.min(stall.duration_ns.saturating_sub(assigned));
+        assigned += part.2;
+    }
+    let remainder = stall.duration_ns - assigned;
+    if remainder > 0 {
+        parts.push((vec![placeholder_frame(UNATTRIBUTED)], false, remainder));
+    }
+    let (stack, truncated) = parts
+        .iter()
+        .filter(|part| part.0.first().is_some_and(|frame| frame.name != UNATTRIBUTED))
+        .max_by_key(|part| part.2)
+        .map(|part| (part.0.clone(), part.1))
+        .unwrap_or_default();
+    let flame = parts
+        .into_iter()
+        .filter(|part| part.2 > 0)
+        .map(|(frames, _, weight_ns)| FlameStall {
+            stall_id,
+            verdict: verdict.clone(),
+            frames,
+            weight_ns,
+        })
+        .collect();
+    (flame, stack, truncated)
+}
+
 impl Report {
-    /// Builds the report of everything the aggregator has seen.
+    /// Builds the report of everything the aggregator has seen, with
+    /// symbolized stacks, and returns the flame-graph stacks beside it.
+    pub fn build(
+        aggregator: &Aggregator,
+        host: &HostInfo,
+        capture_truncated: bool,
+        symbolizer: &mut Symbolizer,
+    ) -> (Self, Vec<FlameStall>) {
+        let mut report = Self::from_aggregator(aggregator, host, capture_truncated);
+        let mut flame = Vec::new();
+        for (index, (stall, stall_report)) in aggregator.stalls().iter().zip(&mut report.stalls).enumerate() {
+            let (stacks, stack, truncated) = stall_flame(stall, stall_report, index as u64, symbolizer);
+            stall_report.stack = stack;
+            stall_report.stack_truncated = truncated;
+            flame.extend(stacks);
+        }
+        report.futex_waits = aggregator
+            .lock_waits()
+            .iter()
+            .map(|wait| wait.with_stack(symbolizer.symbolize(&wait.stack)))
+            .collect();
+        // Unattributed time has no frame to blame, so it stays out of the culprits.
+        let attributed: Vec<FlameStall> = flame
+            .iter()
+            .filter(|stack| stack.frames.first().is_none_or(|frame| frame.name != UNATTRIBUTED))
+            .cloned()
+            .collect();
+        report.culprits = culprits(&attributed, CULPRITS_PER_VERDICT);
+        (report, flame)
+    }
+
+    /// Builds the report without stacks, which needs no symbolization.
     pub fn from_aggregator(aggregator: &Aggregator, host: &HostInfo, capture_truncated: bool) -> Self {
         let stalls: Vec<StallReport> = aggregator.stalls().iter().map(StallReport::from).collect();
         let steal = aggregator.host_steal();
@@ -247,7 +384,19 @@ impl Report {
             },
             summary: Summary::of(&stalls),
             stalls,
+            cycles: aggregator.cycles().to_vec(),
+            futex_waits: Vec::new(),
+            culprits: Vec::new(),
         }
+    }
+
+    /// Writes `report.json`, `stalls.folded` and `stalls.svg` into `dir`.
+    pub fn write_outputs(&self, flame: &[FlameStall], dir: &Path) -> Result<()> {
+        self.write_to_dir(dir)?;
+        let lines = folded_lines(flame);
+        write_folded(&dir.join("stalls.folded"), &lines)?;
+        write_svg(&dir.join("stalls.svg"), &lines, SVG_TITLE)?;
+        Ok(())
     }
 
     /// Writes the report as `dir/report.json` through a temporary file and a
@@ -326,12 +475,43 @@ fn breakdown_of(shares: &BreakdownNs) -> Breakdown {
     }
 }
 
-/// One JSON line of `watch --json`.
+/// One JSON line of `watch --json` about a stall.
 #[derive(Serialize)]
 pub struct JsonLine<'a> {
     /// `detected` or `ended`.
     pub event: &'a str,
     pub stall: &'a StallReport,
+}
+
+/// One JSON line of `watch --json` about a wait-for cycle.
+#[derive(Serialize)]
+pub struct CycleJsonLine<'a> {
+    /// Always `cycle`.
+    pub event: &'a str,
+    pub cycle: &'a Cycle,
+}
+
+/// Formats a wait-for cycle as a chain: thread, waits on, held by, and so on.
+pub fn cycle_line(cycle: &Cycle) -> String {
+    let links: Vec<String> = cycle
+        .edges
+        .iter()
+        .map(|edge| {
+            format!(
+                "tid {} ({}) waits on {} held by tid {} [{}]",
+                edge.waiter,
+                edge.waiter_comm,
+                edge.futex,
+                edge.holder,
+                match edge.holder_source {
+                    HolderSource::Exact => "exact",
+                    HolderSource::Inferred => "inferred",
+                    HolderSource::Unknown => "unknown",
+                }
+            )
+        })
+        .collect();
+    format!("lock cycle: {}", links.join(" -> "))
 }
 
 #[cfg(test)]
@@ -354,6 +534,8 @@ mod tests {
                 ..BreakdownNs::default()
             },
             syscalls: BTreeMap::from([("clock_nanosleep".to_owned(), 297_000_000)]),
+            stack: Vec::new(),
+            stack_truncated: false,
         }
     }
 
@@ -404,6 +586,9 @@ mod tests {
             host: HostReport::default(),
             summary: Summary::of(&stalls),
             stalls,
+            cycles: Vec::new(),
+            futex_waits: Vec::new(),
+            culprits: Vec::new(),
         };
         let dir = tempfile::tempdir().unwrap();
 
