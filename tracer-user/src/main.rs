@@ -1,12 +1,16 @@
 //! The `stalltrace` command line.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use stalltrace::{
     aggregator::Aggregator,
     capture::read_capture,
+    compare::compare,
     duration::CliDuration,
     live::{self, LiveOptions},
     report::{stall_line, Report},
@@ -58,6 +62,16 @@ enum Command {
         /// Output folder, created if missing.
         #[arg(short, long, value_name = "DIR")]
         output: PathBuf,
+    },
+    /// Show what changed between two reports, per verdict and per culprit, to check a fix.
+    Compare {
+        /// The report before the change: a report.json, or the folder that contains it.
+        before: PathBuf,
+        /// The report after the change.
+        after: PathBuf,
+        /// Print the comparison as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Replay a capture through the aggregator and write its report.json.
     Analyze {
@@ -120,7 +134,25 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Analyze { capture, output } => analyze(capture, output),
+        Command::Compare { before, after, json } => {
+            let before = load_report(&before)?;
+            let after = load_report(&after)?;
+            let comparison = compare(&before, &before.culprits, &after, &after.culprits);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&comparison)?);
+            } else {
+                print!("{}", comparison.render_text());
+            }
+            Ok(())
+        }
     }
+}
+
+/// Reads a report.json, given its path or its folder.
+fn load_report(path: &Path) -> Result<Report> {
+    let file = if path.is_dir() { path.join("report.json") } else { path.to_path_buf() };
+    let text = std::fs::read_to_string(&file).with_context(|| format!("failed to read report {}", file.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("invalid report {}: not a stalltrace report.json", file.display()))
 }
 
 fn nanos(duration: CliDuration) -> u64 {

@@ -44,7 +44,9 @@ pub struct Report {
     /// True when the capture this report was made from ended in a partial record.
     #[serde(default)]
     pub capture_truncated: bool,
+    #[serde(default)]
     pub host: HostReport,
+    #[serde(default)]
     pub summary: Summary,
     pub stalls: Vec<StallReport>,
     /// Wait-for cycles found while tracing.
