@@ -671,6 +671,112 @@ mod tests {
         assert_eq!(aggregator.stalls()[0].duration_ns, 80 * MS);
     }
 
+    /// Runs one iteration through the steal accounting: `(state, length, steal on the run queue's clock)` per period.
+    fn iteration_with_steal(periods: &[(u8, u64, u64)]) -> Stall {
+        const RQ: u64 = 0xffff_8880_0000_1000;
+        let start = 1000 * MS;
+        let mut state = thread(1, start);
+        let mut now = start;
+        let mut clock = 5 * MS;
+        state.settle_steal(RQ, clock);
+        for &(run_state, length, stolen) in periods {
+            state.run_state = run_state;
+            now += length;
+            clock += stolen;
+            state.accrue(now);
+            state.settle_steal(RQ, clock);
+        }
+        let mut aggregator = Aggregator::new(THRESHOLD);
+        aggregator.push(&ended(state, now));
+        aggregator.stalls()[0].clone()
+    }
+
+    #[test]
+    fn steal_dominated_stall_is_steal() {
+        // A handler that computes 30 ms while the host takes 120 ms of its vCPU.
+        let stall = iteration_with_steal(&[(run_state::RUNNING, 150 * MS, 120 * MS)]);
+
+        assert_eq!(stall.breakdown.steal_ns, 120 * MS);
+        assert_eq!(stall.breakdown.on_cpu_ns, 30 * MS);
+        assert_eq!(stall.breakdown.total_ns(), stall.duration_ns);
+        assert_eq!(crate::diagnosis::Verdict::of(&stall.breakdown), crate::diagnosis::Verdict::Steal);
+    }
+
+    #[test]
+    fn contention_without_steal_is_runqueue() {
+        let stall = iteration_with_steal(&[
+            (run_state::RUNNING, 20 * MS, 0),
+            (run_state::RUNNABLE, 90 * MS, 0),
+            (run_state::RUNNING, 20 * MS, 0),
+        ]);
+
+        assert_eq!(stall.breakdown.runqueue_ns, 90 * MS);
+        assert_eq!(stall.breakdown.steal_ns, 0);
+        assert_eq!(crate::diagnosis::Verdict::of(&stall.breakdown), crate::diagnosis::Verdict::Runqueue);
+    }
+
+    #[test]
+    fn mixed_stall_splits_shares() {
+        let stall = iteration_with_steal(&[
+            (run_state::RUNNING, 40 * MS, 10 * MS),
+            (run_state::RUNNABLE, 50 * MS, 20 * MS),
+            (run_state::BLOCKED, 30 * MS, 7 * MS),
+            (run_state::THROTTLED, 25 * MS, 3 * MS),
+            (run_state::RUNNING, 10 * MS, 0),
+        ]);
+
+        let b = stall.breakdown;
+        assert_eq!(b.on_cpu_ns, 40 * MS);
+        assert_eq!(b.runqueue_ns, 30 * MS);
+        assert_eq!(b.steal_ns, 30 * MS, "steal while running or runnable only");
+        assert_eq!(b.syscall_ns, 30 * MS);
+        assert_eq!(b.throttled_ns, 25 * MS);
+        assert_eq!(b.total_ns(), stall.duration_ns);
+    }
+
+    #[test]
+    fn steal_capped_at_its_share() {
+        // The steal clock can run ahead of a short period; the breakdown must still add up.
+        let stall = iteration_with_steal(&[(run_state::RUNNING, 5 * MS, 9 * MS)]);
+
+        assert_eq!(stall.breakdown.steal_ns, 5 * MS);
+        assert_eq!(stall.breakdown.on_cpu_ns, 0);
+        assert_eq!(stall.breakdown.total_ns(), stall.duration_ns);
+    }
+
+    #[test]
+    fn steal_on_another_run_queue_ignored() {
+        let start = 1000 * MS;
+        let mut state = thread(1, start);
+        state.settle_steal(0x1000, 5 * MS);
+        state.run_state = run_state::RUNNABLE;
+        state.accrue(start + 50 * MS);
+        // Migrated: the thread was marked on one run queue and switched in on another.
+        state.settle_steal(0x2000, 40 * MS);
+
+        assert_eq!(state.breakdown.steal_ns, 0);
+        assert_eq!(state.breakdown.runqueue_ns, 50 * MS);
+    }
+
+    #[test]
+    fn blocked_time_goes_to_its_stack() {
+        let start = 1000 * MS;
+        let mut state = thread(1, start);
+        state.run_state = run_state::BLOCKED;
+        state.begin_off_cpu(7, 9);
+        state.accrue(start + 30 * MS);
+        state.run_state = run_state::RUNNING;
+        state.accrue(start + 40 * MS);
+        state.run_state = run_state::BLOCKED;
+        state.begin_off_cpu(7, 9);
+        state.accrue(start + 60 * MS);
+
+        assert_eq!(state.stacks[0].user_stack, 7);
+        assert_eq!(state.stacks[0].kernel_stack, 9);
+        assert_eq!(state.stacks[0].ns, 50 * MS);
+        assert_eq!(state.stacks[1].ns, 0);
+    }
+
     #[test]
     fn host_steal_spans_first_to_last() {
         let mut aggregator = Aggregator::new(THRESHOLD);
