@@ -329,6 +329,7 @@ impl Aggregator {
                 self.observe_time(*now_ns);
                 self.drops = *drops;
                 self.untracked_threads = *untracked_threads;
+                self.refresh_cycles(*now_ns);
                 let events = self.close_stale();
                 self.previous_tick_ns = *now_ns;
                 events
@@ -468,6 +469,32 @@ impl Aggregator {
             }
         }
         events
+    }
+
+    /// Brings the cycles still present up to `now_ns`: a scan whose lock waits
+    /// did not change sends no new lock-wait record, only a tick.
+    fn refresh_cycles(&mut self, now_ns: u64) {
+        let since: HashMap<u32, u64> = self.lock_waits.iter().map(|wait| (wait.tid, wait.since_ns)).collect();
+        for &index in self.active_cycles.values() {
+            let cycle = &mut self.cycles[index];
+            cycle.last_seen_ns = now_ns;
+            for edge in &mut cycle.edges {
+                if let Some(&since_ns) = since.get(&edge.waiter) {
+                    edge.waited_ns = now_ns.saturating_sub(since_ns);
+                }
+            }
+        }
+        // A stall detected after its cycle was found is in the cycle too.
+        let in_cycles: HashSet<u32> = self
+            .active_cycles
+            .keys()
+            .flat_map(|tids| tids.iter().copied())
+            .collect();
+        for &index in self.open.values() {
+            if in_cycles.contains(&self.stalls[index].tid) {
+                self.stalls[index].in_cycle = true;
+            }
+        }
     }
 
     /// Closes open stalls that no scan has seen since the tick before the last:

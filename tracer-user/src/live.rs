@@ -61,6 +61,8 @@ struct Sink {
     cpus: usize,
     normalizer: Normalizer,
     locks: LockScanner,
+    /// The lock waits last fed, so unchanged scans are not fed again.
+    last_lock_waits: Option<Vec<crate::locks::LockWait>>,
 }
 
 impl Sink {
@@ -154,6 +156,7 @@ pub async fn run(options: LiveOptions) -> Result<Report> {
         cpus: kernel::possible_cpus(),
         normalizer: Normalizer::new(),
         locks: LockScanner::new(),
+        last_lock_waits: None,
     };
 
     let scope = if options.pids.is_empty() {
@@ -345,11 +348,15 @@ fn scan(probe: &mut Probe, sink: &mut Sink) -> Result<()> {
         traffic: &|pid, uaddr| probe.futex_traffic(pid, uaddr),
         stack: &|id| probe.stack(id),
     };
-    let lock_waits = sink.locks.scan(&view);
-    sink.feed(Record::LockWaits {
-        now_ns,
-        waits: lock_waits,
-    })?;
+    let lock_waits = sink.locks.scan(&view, now_ns);
+    // Ticks keep unchanged cycles current, so only a change needs a record.
+    if sink.last_lock_waits.as_ref() != Some(&lock_waits) {
+        sink.last_lock_waits = Some(lock_waits.clone());
+        sink.feed(Record::LockWaits {
+            now_ns,
+            waits: lock_waits,
+        })?;
+    }
     let kernel_ns = probe.cpu_steal_clocks(sink.cpus)?;
     let proc_stat_ns = kernel::proc_stat_steal_ns()?;
     sink.feed(Record::HostSteal {

@@ -42,6 +42,11 @@ const GLIBC_MUTEX_WAIT_FUNCTIONS: &[&str] = &[
 ];
 /// How many innermost frames are searched for a glibc mutex wait function.
 const GLIBC_FRAMES_SEARCHED: usize = 4;
+/// Lock waits younger than this are ordinary contention and are not reported.
+pub const MIN_LOCK_WAIT_NS: u64 = 50_000_000;
+/// Other futex waits (condition variables, idle workers parking) are reported
+/// only after this long, so a busy thread pool does not flood the capture.
+pub const MIN_OTHER_WAIT_NS: u64 = 1_000_000_000;
 
 /// How a holder was found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -280,14 +285,21 @@ impl LockScanner {
         }
     }
 
-    /// Builds the lock waits of one scan: every thread that blocked in a futex wait.
-    pub fn scan(&mut self, view: &KernelView<'_>) -> Vec<LockWait> {
+    /// Builds the lock waits of one scan at `now_ns`: every thread that blocked
+    /// in a futex wait, lock waits after [`MIN_LOCK_WAIT_NS`] and other waits
+    /// after [`MIN_OTHER_WAIT_NS`].
+    pub fn scan(&mut self, view: &KernelView<'_>, now_ns: u64) -> Vec<LockWait> {
         let waiters: HashSet<u32> = view.waits.iter().map(|wait| wait.tid).collect();
         let mut maps_by_pid: HashMap<u32, Vec<Mapping>> = HashMap::new();
         let mut found = Vec::new();
         for wait in view.waits {
             // A wait that never blocked returned at once or is about to block: not a wait yet.
             if wait.user_stack < 0 && wait.kernel_stack < 0 {
+                continue;
+            }
+            let lock = wait.uaddr != 0 && (futex_op::is_pi(wait.op) || wait.val == LOCKED_CONTENDED);
+            let age = now_ns.saturating_sub(wait.since_ns);
+            if age < if lock { MIN_LOCK_WAIT_NS } else { MIN_OTHER_WAIT_NS } {
                 continue;
             }
             let maps = maps_by_pid.entry(wait.pid).or_insert_with(|| {
@@ -298,7 +310,6 @@ impl LockScanner {
             let (futex, shared) = futex_identity(maps, wait.pid, wait.uaddr);
             let addresses = (view.stack)(wait.user_stack);
             let stack = self.normalizer.normalize_user(wait.pid, &addresses);
-            let lock = wait.uaddr != 0 && (futex_op::is_pi(wait.op) || wait.val == LOCKED_CONTENDED);
             let mut lock_wait = LockWait {
                 pid: wait.pid,
                 tid: wait.tid,
