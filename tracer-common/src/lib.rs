@@ -23,7 +23,7 @@ pub const SYSCALL_NONE: i32 = -1;
 /// Syscall number for time in syscalls that found no free slot.
 pub const SYSCALL_OTHER: i32 = -2;
 
-/// Where a tracked thread is, as far as the scheduler events show.
+/// Scheduler state of a tracked thread, as the scheduler events show it.
 pub mod run_state {
     /// On a CPU.
     pub const RUNNING: u8 = 0;
@@ -404,7 +404,7 @@ pub mod futex_op {
         matches!(op & CMD_MASK, WAIT | LOCK_PI | WAIT_BITSET | WAIT_REQUEUE_PI | LOCK_PI2)
     }
 
-    /// Returns true for priority-inheritance ops, whose futex word holds the owner's TID.
+    /// Returns true for priority-inheritance ops, whose futex word contains the owner's TID.
     pub fn is_pi(op: u32) -> bool {
         op < FUTEX2_WAIT && matches!(op & CMD_MASK, LOCK_PI | LOCK_PI2 | WAIT_REQUEUE_PI)
     }

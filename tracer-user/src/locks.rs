@@ -48,7 +48,7 @@ pub const MIN_LOCK_WAIT_NS: u64 = 50_000_000;
 /// only after this long, so a busy thread pool does not flood the capture.
 pub const MIN_OTHER_WAIT_NS: u64 = 1_000_000_000;
 
-/// How a holder was found.
+/// The kind of evidence behind a holder.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HolderSource {
@@ -60,7 +60,7 @@ pub enum HolderSource {
     Unknown,
 }
 
-/// What a lock holder is doing, which tells the fix.
+/// The activity of a lock holder, which points to the fix.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum HolderState {
@@ -97,7 +97,7 @@ pub struct LockWait<F = FrameRef> {
     pub holder: Option<u32>,
     pub holder_pid: Option<u32>,
     pub holder_source: HolderSource,
-    /// What the holder was found by, in words.
+    /// The evidence for the holder, in words.
     pub holder_evidence: Option<String>,
     pub holder_state: Option<HolderState>,
     /// User stack at the wait, innermost first.
@@ -265,7 +265,7 @@ impl Default for LockScanner {
     }
 }
 
-/// What the BPF maps hold about the threads a scan looks at.
+/// The BPF maps' view of the threads one scan looks at.
 pub struct KernelView<'a> {
     pub waits: &'a [FutexWait],
     /// Loop threads waiting in their event loop.
@@ -293,7 +293,7 @@ impl LockScanner {
         let mut maps_by_pid: HashMap<u32, Vec<Mapping>> = HashMap::new();
         let mut found = Vec::new();
         for wait in view.waits {
-            // A wait that never blocked returned at once or is about to block: not a wait yet.
+            // Stacks are taken when the waiter switches out, so no stack means it has not blocked.
             if wait.user_stack < 0 && wait.kernel_stack < 0 {
                 continue;
             }
@@ -372,7 +372,7 @@ impl LockScanner {
             }
         }
 
-        // NOTE: inference sees only contended acquisitions and wakes. A lock taken
+        // NOTE: inference uses only contended acquisitions and wakes. A lock taken
         // without contention since its last wake leaves no trace, and a wrong guess is possible.
         let Some(traffic) = (view.traffic)(wait.pid, wait.uaddr) else {
             return;

@@ -65,7 +65,7 @@ pub struct Report {
 pub struct HostReport {
     /// `kvm`, another hypervisor, or `none` on bare metal.
     pub virtualization: String,
-    /// Where the steal figures come from, or why there are none.
+    /// Source of the steal figures, or the reason there are none.
     pub steal_source: String,
     /// Steal per CPU over the run by the run queues' steal clock; empty without a steal source.
     pub steal_ns_per_cpu: Vec<u64>,
