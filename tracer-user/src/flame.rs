@@ -233,14 +233,30 @@ fn is_application_frame(frame: &Frame) -> bool {
     {
         return false;
     }
+    // The Rust toolchain's own sources (core, alloc, std) sit under
+    // `/rustc/COMMIT/library/` in its DWARF, whatever the function's name.
+    if frame.file.as_deref().is_some_and(|file| file.starts_with("/rustc/")) {
+        return false;
+    }
     // `<alloc::vec::Vec<T> as core::ops::Drop>::drop` is library code, but
     // `<app::Server as core::fmt::Debug>::fmt` is the application's: an impl
     // belongs to the type before `as`.
     let name = frame.name.strip_prefix('<').unwrap_or(&frame.name);
+    let self_type = name.split([' ', '>', ':']).next().unwrap_or(name);
+    if PRIMITIVE_TYPES.contains(&self_type) || self_type.starts_with('[') || self_type.starts_with('&') {
+        return false;
+    }
     !RUNTIME_PREFIXES
         .iter()
         .any(|prefix| name.starts_with(prefix))
 }
+
+/// Rust's primitive types: their methods (`<u64>::wrapping_mul`) and trait
+/// impls (`<u64 as core::cmp::PartialOrd>::lt`) are library code.
+const PRIMITIVE_TYPES: &[&str] = &[
+    "u8", "u16", "u32", "u64", "u128", "usize", "i8", "i16", "i32", "i64", "i128", "isize", "f32", "f64",
+    "bool", "char", "str",
+];
 
 #[cfg(test)]
 mod tests {
@@ -471,6 +487,26 @@ mod tests {
         );
         let shares: Vec<f64> = found.iter().map(|culprit| culprit.share).collect();
         assert_eq!(shares, vec![30.0 / 45.0, 10.0 / 45.0, 5.0 / 45.0]);
+    }
+
+    #[test]
+    fn culprits_skip_inlined_primitive_code() {
+        let mut from_core = frame("<u64 as core::cmp::PartialOrd>::lt", "server");
+        from_core.file = Some("/rustc/0123abcd/library/core/src/cmp.rs".to_owned());
+        from_core.inlined = true;
+        let frames = vec![
+            from_core,
+            frame("<u64>::wrapping_mul", "server"),
+            frame("<[u8]>::len", "server"),
+            frame("app::busy_work_handler", "server"),
+            frame("main", "server"),
+        ];
+        let stalls = vec![stall(1, "on_cpu", frames, 300)];
+
+        let found = culprits(&stalls, 3);
+
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].frame, "app::busy_work_handler");
     }
 
     #[test]

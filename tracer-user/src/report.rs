@@ -27,6 +27,16 @@ use crate::{
 /// Version of the `report.json` schema.
 pub const REPORT_VERSION: u32 = 1;
 
+/// The flame graph of a run without stalls.
+const EMPTY_SVG: &str = concat!(
+    r#"<?xml version="1.0" standalone="no"?>"#,
+    "\n",
+    r#"<svg version="1.1" width="600" height="60" xmlns="http://www.w3.org/2000/svg">"#,
+    r#"<title>stalltrace: no stalls</title>"#,
+    r#"<text x="20" y="35" font-family="Verdana" font-size="14">No stalls were recorded.</text>"#,
+    "</svg>\n"
+);
+
 /// Culprit frames listed per verdict.
 const CULPRITS_PER_VERDICT: usize = 5;
 
@@ -397,7 +407,13 @@ impl Report {
         self.write_to_dir(dir)?;
         let lines = folded_lines(flame);
         write_folded(&dir.join("stalls.folded"), &lines)?;
-        write_svg(&dir.join("stalls.svg"), &lines, SVG_TITLE)?;
+        let svg = dir.join("stalls.svg");
+        if lines.is_empty() {
+            // inferno draws nothing useful from no stacks, and a stale graph would mislead.
+            fs::write(&svg, EMPTY_SVG).with_context(|| format!("failed to write {}", svg.display()))?;
+        } else {
+            write_svg(&svg, &lines, SVG_TITLE)?;
+        }
         Ok(())
     }
 
@@ -573,6 +589,20 @@ mod tests {
         assert_eq!(summary.verdicts[0].verdict, Verdict::Syscall);
         assert_eq!(summary.verdicts[1].stalls, 1);
         assert!(summary.lines()[2].contains("noisy neighbour"), "{:?}", summary.lines());
+    }
+
+    #[test]
+    fn outputs_without_stalls_written() {
+        let report = Report::from_aggregator(&Aggregator::new(1), &HostInfo::default(), false);
+        let dir = tempfile::tempdir().unwrap();
+
+        report.write_outputs(&[], dir.path()).unwrap();
+
+        assert!(dir.path().join("report.json").exists());
+        assert_eq!(fs::read_to_string(dir.path().join("stalls.folded")).unwrap(), "");
+        let svg = fs::read_to_string(dir.path().join("stalls.svg")).unwrap();
+        assert!(svg.contains("No stalls were recorded."), "{svg}");
+        assert!(svg.trim_end().ends_with("</svg>"), "{svg}");
     }
 
     #[test]
