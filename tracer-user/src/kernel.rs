@@ -242,9 +242,15 @@ pub fn possible_cpus() -> usize {
     aya::util::nr_cpus().unwrap_or(1)
 }
 
-/// Returns true while a process with this PID exists.
+/// Returns true while a process with this PID runs: it exists and is not a
+/// zombie waiting for its parent to reap it.
 pub fn process_exists(pid: u32) -> bool {
-    Path::new("/proc").join(pid.to_string()).exists()
+    let Ok(stat) = fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")) else {
+        return false;
+    };
+    // The state letter follows the parenthesized name, which may itself contain ')'.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z') | Some('X') | None)
 }
 
 #[cfg(test)]
@@ -294,6 +300,22 @@ cpu1 21670 0 4161 67309 738 0 40 22 0 0
 intr 1 2 3
 ";
         assert_eq!(parse_proc_stat_steal(text, 10_000_000), vec![120_000_000, 220_000_000]);
+    }
+
+    #[test]
+    fn zombie_process_not_running() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Until it is reaped the exited child stays a zombie in /proc.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while process_exists(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+
+        assert!(Path::new("/proc").join(pid.to_string()).exists(), "still unreaped");
+        assert!(!process_exists(pid));
+        child.wait().unwrap();
+        assert!(process_exists(std::process::id()));
     }
 
     #[test]

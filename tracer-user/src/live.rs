@@ -114,7 +114,7 @@ pub async fn run(options: LiveOptions) -> Result<Report> {
     kernel::check_root()?;
     for &pid in &options.pids {
         if !kernel::process_exists(pid) {
-            bail!("process {pid} not found: check the PID with `ps -p {pid}`");
+            bail!("process {pid} not found (or already exited): check the PID with `ps -p {pid}`");
         }
     }
     let tracefs = kernel::ensure_tracefs()?;
