@@ -132,7 +132,9 @@ pub struct LoopThread {
     pub run_state: u8,
     /// 1 between the enter and exit of a futex wait syscall.
     pub in_futex: u8,
-    pub _pad: [u8; 2],
+    /// 1 while the thread is parked idle on a futex instead of its event loop's wait.
+    pub parked: u8,
+    pub _pad: u8,
     /// Futex word address of the current or last futex syscall.
     pub futex_uaddr: u64,
     /// The run queue's steal clock (`rq->prev_steal_time`) when the current
@@ -162,7 +164,8 @@ impl LoopThread {
             syscall_nr: SYSCALL_NONE,
             run_state: run_state::RUNNING,
             in_futex: 0,
-            _pad: [0; 2],
+            parked: 0,
+            _pad: 0,
             futex_uaddr: 0,
             steal_mark_ns: 0,
             steal_mark_rq: 0,

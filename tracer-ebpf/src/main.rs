@@ -66,6 +66,10 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
 #[map]
 static THREADS: HashMap<u32, LoopThread> = HashMap::with_max_entries(16384, 0);
 
+/// Number of loop threads per process, by PID.
+#[map]
+static PROC_LOOP_THREADS: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0);
+
 /// Processes in scope when `FILTER_PIDS` is set, by PID.
 #[map]
 static TARGET_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
@@ -241,6 +245,45 @@ fn record_own_slice() {
     }
 }
 
+/// Starts following a loop thread, or counts it as untracked when the map is full.
+#[inline(always)]
+fn track(pid: u32, tid: u32, now_ns: u64) -> Option<&'static mut LoopThread> {
+    let mut state = LoopThread::new(pid, tid, now_ns);
+    if let Ok(comm) = bpf_get_current_comm() {
+        state.comm = comm;
+    }
+    if THREADS.insert(&tid, &state, BPF_NOEXIST as u64).is_err() {
+        count(counter::THREAD_MAP_FULL);
+        return None;
+    }
+    match PROC_LOOP_THREADS.get_ptr_mut(&pid) {
+        // SAFETY: map values stay valid for the program's run.
+        Some(loops) => unsafe { *loops += 1 },
+        None => {
+            let _ = PROC_LOOP_THREADS.insert(&pid, &1, 0);
+        }
+    }
+    thread(tid)
+}
+
+/// Stops following a loop thread.
+#[inline(always)]
+fn untrack(pid: u32, tid: u32) {
+    if THREADS.remove(&tid).is_err() {
+        return;
+    }
+    if let Some(loops) = PROC_LOOP_THREADS.get_ptr_mut(&pid) {
+        // SAFETY: map values stay valid for the program's run.
+        unsafe {
+            if *loops <= 1 {
+                let _ = PROC_LOOP_THREADS.remove(&pid);
+            } else {
+                *loops -= 1;
+            }
+        }
+    }
+}
+
 #[tracepoint]
 pub fn loop_wait_enter(_ctx: TracePointContext) -> u32 {
     let (pid, tid) = current_ids();
@@ -261,15 +304,8 @@ pub fn loop_wait_enter(_ctx: TracePointContext) -> u32 {
                 record_own_slice();
                 return 0;
             }
-            if !in_scope(pid) {
-                return 0;
-            }
-            let mut state = LoopThread::new(pid, tid, now_ns);
-            if let Ok(comm) = bpf_get_current_comm() {
-                state.comm = comm;
-            }
-            if THREADS.insert(&tid, &state, 0).is_err() {
-                count(counter::THREAD_MAP_FULL);
+            if in_scope(pid) {
+                let _ = track(pid, tid, now_ns);
             }
         }
     }
@@ -278,8 +314,15 @@ pub fn loop_wait_enter(_ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn loop_wait_exit(_ctx: TracePointContext) -> u32 {
-    let (_, tid) = current_ids();
-    if let Some(state) = thread(tid) {
+    let (pid, tid) = current_ids();
+    let now_ns = unsafe { bpf_ktime_get_ns() };
+    // A thread that was already waiting when tracing began is first seen here.
+    let state = match thread(tid) {
+        Some(state) => Some(state),
+        None if pid != SELF_PID.load() && in_scope(pid) => track(pid, tid, now_ns),
+        None => None,
+    };
+    if let Some(state) = state {
         state.begin_iteration(unsafe { bpf_ktime_get_ns() });
         let (rq, steal) = cpu_steal(unsafe { bpf_get_smp_processor_id() });
         state.settle_steal(rq, steal);
@@ -368,7 +411,10 @@ pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sched_wakeup_new(ctx: TracePointContext) -> u32 {
     if let Some(tid) = unsafe { read_field::<i32>(&ctx, LAYOUT.load().wakeup_new_pid) } {
-        let _ = THREADS.remove(&(tid as u32));
+        if let Some(state) = thread(tid as u32) {
+            let pid = state.pid;
+            untrack(pid, tid as u32);
+        }
     }
     0
 }
@@ -380,7 +426,8 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
         let now_ns = unsafe { bpf_ktime_get_ns() };
         state.accrue(now_ns);
         report_if_stalled(state, record_kind::THREAD_EXIT, now_ns);
-        let _ = THREADS.remove(&tid);
+        let pid = state.pid;
+        untrack(pid, tid);
     }
     // A thread killed inside a futex wait never reaches the syscall's exit.
     let _ = FUTEX_WAITS.remove(&tid);
@@ -411,9 +458,13 @@ pub fn sys_exit(_ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn enter_futex(uaddr: u64, op: u32, val: u32) {
     let (pid, tid) = current_ids();
+    let lock_like = uaddr != 0 && (val == LOCKED_CONTENDED || futex_op::is_pi(op));
     if let Some(state) = thread(tid) {
         state.in_futex = 1;
         state.futex_uaddr = uaddr;
+        if futex_op::is_wait(op) && !lock_like && state.in_iteration() && shares_work(pid) {
+            park(state);
+        }
     }
     let key = FutexKey { pid, _pad: 0, uaddr };
     if futex_op::is_wait(op) {
@@ -431,13 +482,34 @@ fn enter_futex(uaddr: u64, op: u32, val: u32) {
             kernel_stack: NO_STACK,
         };
         let _ = FUTEX_WAITS.insert(&tid, &wait, 0);
-        // Lock implementations wait with 2 ("locked, with waiters") in the word.
-        if uaddr != 0 && (val == LOCKED_CONTENDED || futex_op::is_pi(op)) {
+        if lock_like {
             let _ = FUTEX_TRAFFIC.insert(&key, &FutexTraffic::default(), BPF_NOEXIST as u64);
         }
     } else if futex_op::is_wake(op) {
         note_wake(&key, tid);
     }
+}
+
+/// Returns true if the process runs several loop threads, as multi-threaded
+/// runtimes do: there an idle worker parks on a futex instead of its loop's wait.
+#[inline(always)]
+fn shares_work(pid: u32) -> bool {
+    unsafe { PROC_LOOP_THREADS.get(&pid) }.is_some_and(|&loops| loops >= 2)
+}
+
+/// Ends the iteration of a loop thread that parks idle on a futex, as if it
+/// had entered its loop's wait.
+// NOTE: a handler in such a process that blocks on a condition variable is
+// taken for an idle park and not reported. Lock waits are still reported.
+#[inline(always)]
+fn park(state: &mut LoopThread) {
+    let now_ns = unsafe { bpf_ktime_get_ns() };
+    state.accrue(now_ns);
+    let (rq, steal) = cpu_steal(unsafe { bpf_get_smp_processor_id() });
+    state.settle_steal(rq, steal);
+    report_if_stalled(state, record_kind::STALL_END, now_ns);
+    state.iteration_start_ns = 0;
+    state.parked = 1;
 }
 
 /// Records that `tid` woke the futex, if anyone has waited on it as a lock.
@@ -498,6 +570,12 @@ pub fn futex_exit(ctx: TracePointContext) -> u32 {
     let (pid, tid) = current_ids();
     if let Some(state) = thread(tid) {
         state.in_futex = 0;
+        if state.parked != 0 {
+            state.parked = 0;
+            state.begin_iteration(unsafe { bpf_ktime_get_ns() });
+            let (rq, steal) = cpu_steal(unsafe { bpf_get_smp_processor_id() });
+            state.settle_steal(rq, steal);
+        }
     }
     let Some(wait) = (unsafe { FUTEX_WAITS.get(&tid) }).copied() else {
         return 0;
