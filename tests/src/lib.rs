@@ -6,7 +6,10 @@
 //! by `STALLTRACE_BIN`. `cargo xtask test` builds the binary, sets the variable and runs
 //! the scenarios one at a time.
 
+pub mod locks;
+pub mod cli;
 pub mod protocol;
+pub mod stacks;
 mod recording;
 mod redis;
 mod report;

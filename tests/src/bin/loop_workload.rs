@@ -10,6 +10,9 @@
 //!   thread waits for it in a futex wait.
 //! - `contend MS N`: N spinner threads and the loop thread share one CPU until the loop
 //!   thread has used MS ms of its own CPU time, so most of the wall time is run-queue wait.
+//! - `compute MS`: compute in the loop thread until it has used MS ms of its own CPU time
+//!   (CLOCK_THREAD_CPUTIME_ID), on whatever CPU the scheduler gives it. Under a cgroup CPU
+//!   quota the wall time includes the periods the group spends throttled.
 //! - `noop`: nothing.
 //! - `exit`: leave the loop and exit. End of file on stdin does the same.
 //!
@@ -101,6 +104,7 @@ enum Command {
     Sleep(Duration),
     Mutex(Duration),
     Contend { cpu_time: Duration, spinners: usize },
+    Compute(Duration),
     Noop,
     Exit,
 }
@@ -157,10 +161,11 @@ fn parse_command(line: &str) -> Result<Command, String> {
             })?;
             Ok(Command::Contend { cpu_time: millis(ms)?, spinners })
         }
+        ["compute", ms] => Ok(Command::Compute(millis(ms)?)),
         ["noop"] => Ok(Command::Noop),
         ["exit"] => Ok(Command::Exit),
         _ => Err(format!(
-            "unknown command `{line}`: expected spin MS, sleep MS, mutex MS, contend MS N, noop or exit"
+            "unknown command `{line}`: expected spin MS, sleep MS, mutex MS, contend MS N, compute MS, noop or exit"
         )),
     }
 }
@@ -173,6 +178,7 @@ fn run_command(command: &Command, lock_holder: &LockHolder) -> io::Result<()> {
         Command::Sleep(duration) => thread::sleep(duration),
         Command::Mutex(hold) => lock_holder.wait_for_lock(hold)?,
         Command::Contend { cpu_time, spinners } => contend(cpu_time, spinners)?,
+        Command::Compute(cpu_time) => burn_thread_cpu_time(cpu_time)?,
         Command::Noop | Command::Exit => {}
     }
     Ok(())
