@@ -17,15 +17,15 @@ use std::{
 use serde::Deserialize;
 
 /// Names of stalltrace's BPF programs, as in its BPF object.
-pub const PROGRAM_NAMES: [&str; 14] = [
+/// `sys_enter` and `sys_exit` are left out: stalltrace loads them only where it
+/// cannot read syscall numbers from a blocked thread's saved registers.
+pub const PROGRAM_NAMES: [&str; 12] = [
     "loop_wait_enter",
     "loop_wait_exit",
     "sched_switch",
     "sched_wakeup",
     "sched_wakeup_new",
     "sched_process_exit",
-    "sys_enter",
-    "sys_exit",
     "futex_enter",
     "futex_wait_enter",
     "futex_waitv_enter",

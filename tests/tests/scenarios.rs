@@ -200,6 +200,31 @@ fn sleep_handler_is_syscall() {
     );
 }
 
+/// The same sleep, with the syscall named by the raw syscall tracepoints that
+/// stalltrace falls back to when it cannot read a blocked thread's registers.
+#[test]
+fn sleep_handler_named_by_fallback() {
+    let test = "sleep_handler_named_by_fallback";
+    if !require_root(test) {
+        return;
+    }
+    // Tests run one at a time, and only the stalltrace child reads the variable.
+    std::env::set_var("STALLTRACE_RAW_SYSCALLS", "1");
+    let run = record_command(test, "sleep 200", Some(THRESHOLD));
+    std::env::remove_var("STALLTRACE_RAW_SYSCALLS");
+    let report = &run.report;
+
+    let stall = single_loop_stall(&run);
+    assert_duration_ms(stall, 200..=300, report);
+    assert_eq!(stall.verdict, "syscall", "verdict; report:\n{report}");
+    let nanosleep_ns = stall.syscalls.get("clock_nanosleep").copied().unwrap_or(0);
+    assert!(
+        nanosleep_ns as f64 >= 0.90 * stall.breakdown_ns.syscall as f64,
+        "clock_nanosleep has {nanosleep_ns} of {} syscall ns, below 90%; report:\n{report}",
+        stall.breakdown_ns.syscall
+    );
+}
+
 #[test]
 fn mutex_wait_is_futex() {
     let test = "mutex_wait_is_futex";

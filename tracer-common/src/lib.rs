@@ -361,7 +361,8 @@ pub struct KernelOffsets {
     pub cfs_rq_throttle_count: u32,
     /// `rq.prev_steal_time`: steal the scheduler has taken out of this CPU's task clock.
     pub rq_prev_steal_time: u32,
-    pub _pad: u32,
+    /// `task_struct.stack`: the base of the task's kernel stack, whose top holds its user registers.
+    pub task_stack: u32,
 }
 
 impl KernelOffsets {
@@ -432,9 +433,13 @@ pub struct FutexWait {
     pub op: u32,
     /// The value the waiter expected in the futex word.
     pub val: u32,
-    /// User stack when the thread blocked, or [`NO_STACK`] until it blocks.
+    /// User stack when the thread blocked, or [`NO_STACK`] until it blocks
+    /// (and for waits other than lock waits, whose stacks are not walked).
     pub user_stack: i32,
     pub kernel_stack: i32,
+    /// 1 once the thread has switched out inside this wait.
+    pub blocked: u32,
+    pub _pad: u32,
 }
 
 /// Key of the `FUTEX_TRAFFIC` map: one futex word of one process.

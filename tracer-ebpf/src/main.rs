@@ -59,7 +59,7 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     cfs_rq_rq: 0,
     cfs_rq_throttle_count: 0,
     rq_prev_steal_time: 0,
-    _pad: 0,
+    task_stack: 0,
 });
 
 /// Loop threads by TID. Entries go away when the thread exits.
@@ -81,6 +81,17 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 /// default threshold is the slice that these programs read once loaded. 0 reports nothing.
 #[map]
 static THRESHOLD_NS: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Offset from a task's kernel stack base to `orig_ax` of its saved user
+/// registers (the syscall number), 0 while unknown. A map, because userspace
+/// checks it against this program's own syscalls after loading.
+#[map]
+static SYSCALL_NR_OFFSET: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The syscall number read for stalltrace's own thread in epoll, tagged with
+/// bit 63, for userspace to check `SYSCALL_NR_OFFSET`.
+#[map]
+static SELF_SYSCALL: Array<u64> = Array::with_max_entries(1, 0);
 
 /// The scheduler slice of stalltrace's own thread, read the first time it waits in epoll.
 #[map]
@@ -153,14 +164,18 @@ unsafe fn read_field<T>(ctx: &TracePointContext, offset: u32) -> Option<T> {
 }
 
 /// Sends the thread's iteration to userspace if it reached the threshold.
+/// Call it from the thread itself, whose current name goes into the record.
 #[inline(always)]
-fn report_if_stalled(state: &LoopThread, kind: u32, now_ns: u64) {
+fn report_if_stalled(state: &mut LoopThread, kind: u32, now_ns: u64) {
     let threshold_ns = THRESHOLD_NS.get(0).copied().unwrap_or(0);
     if threshold_ns == 0
         || !state.in_iteration()
         || now_ns.saturating_sub(state.iteration_start_ns) < threshold_ns
     {
         return;
+    }
+    if let Ok(comm) = bpf_get_current_comm() {
+        state.comm = comm;
     }
     let Some(mut entry) = EVENTS.reserve::<StallRecord>(0) else {
         count(counter::RINGBUF_DROPS);
@@ -232,6 +247,15 @@ fn current_throttled() -> bool {
     read_kernel::<i32>(current_cfs_rq(), OFFSETS.load().cfs_rq_throttle_count).unwrap_or(0) > 0
 }
 
+/// Returns the number of the syscall the current task is in, -1 outside a
+/// syscall, or `None` when the register offset is unknown.
+#[inline(always)]
+fn current_syscall_nr() -> Option<i32> {
+    let offset = SYSCALL_NR_OFFSET.get(0).copied().unwrap_or(0);
+    let stack = read_kernel::<u64>(current_task(), OFFSETS.load().task_stack)?;
+    read_kernel::<i64>(stack, offset).map(|nr| nr as i32)
+}
+
 /// Stores `current->se.slice` in `SELF_SLICE`, the slice this kernel gives a normal task.
 #[inline(always)]
 fn record_own_slice() {
@@ -293,15 +317,16 @@ pub fn loop_wait_enter(_ctx: TracePointContext) -> u32 {
             state.accrue(now_ns);
             let (rq, steal) = cpu_steal(unsafe { bpf_get_smp_processor_id() });
             state.settle_steal(rq, steal);
-            if let Ok(comm) = bpf_get_current_comm() {
-                state.comm = comm;
-            }
             report_if_stalled(state, record_kind::STALL_END, now_ns);
             state.iteration_start_ns = 0;
         }
         None => {
             if pid == SELF_PID.load() {
                 record_own_slice();
+                if let (Some(slot), Some(nr)) = (SELF_SYSCALL.get_ptr_mut(0), current_syscall_nr()) {
+                    // SAFETY: the slot is a valid map value.
+                    unsafe { *slot = (1 << 63) | (nr as u32 as u64) };
+                }
                 return 0;
             }
             if in_scope(pid) {
@@ -344,6 +369,11 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
     if let Some(state) = thread(prev as u32) {
         state.accrue(now_ns);
         state.settle_steal(rq, steal);
+        if blocking {
+            if let Some(nr) = current_syscall_nr() {
+                state.syscall_nr = nr;
+            }
+        }
         state.run_state = if blocking {
             run_state::BLOCKED
         } else if current_throttled() {
@@ -364,7 +394,12 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
         if let Some(wait) = FUTEX_WAITS.get_ptr_mut(&(prev as u32)) {
             // SAFETY: map values stay valid for the program's run.
             let wait = unsafe { &mut *wait };
-            if wait.user_stack == NO_STACK && wait.kernel_stack == NO_STACK {
+            wait.blocked = 1;
+            // Walking stacks is the costliest step here, so only lock waits pay
+            // for it, besides loop threads whose stacks were walked above.
+            let lock_like = wait.val == LOCKED_CONTENDED || futex_op::is_pi(wait.op);
+            let unwalked = wait.user_stack == NO_STACK && wait.kernel_stack == NO_STACK;
+            if unwalked && (lock_like || stacks.is_some()) {
                 let (user, kernel) = *stacks.get_or_insert_with(|| current_stacks(&ctx));
                 wait.user_stack = user;
                 wait.kernel_stack = kernel;
@@ -480,6 +515,8 @@ fn enter_futex(uaddr: u64, op: u32, val: u32) {
             val,
             user_stack: NO_STACK,
             kernel_stack: NO_STACK,
+            blocked: 0,
+            _pad: 0,
         };
         let _ = FUTEX_WAITS.insert(&tid, &wait, 0);
         if lock_like {

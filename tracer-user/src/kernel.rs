@@ -125,12 +125,52 @@ pub fn kernel_offsets() -> KernelOffsets {
         cfs_rq_rq: member("cfs_rq", "rq").unwrap_or(0),
         cfs_rq_throttle_count: member("cfs_rq", "throttle_count").unwrap_or(0),
         rq_prev_steal_time: member("rq", "prev_steal_time").unwrap_or(0),
-        _pad: 0,
+        task_stack: member("task_struct", "stack").unwrap_or(0),
     };
     if !offsets.steal_known() {
         tracing::warn!(?offsets, "this kernel's BTF lacks rq.prev_steal_time or cfs_rq.rq: steal is not measured");
     }
     offsets
+}
+
+/// Kernel stack sizes (`THREAD_SIZE`) to try: 16 KiB on x86_64, 32 KiB with KASAN.
+const THREAD_SIZES: [u32; 2] = [16 * 1024, 32 * 1024];
+
+/// Returns candidate offsets from a task's kernel stack base to `orig_ax` in
+/// its saved user registers, which sit at the top of the stack
+/// (`task_pt_regs()` in `arch/x86/include/asm/processor.h`). The loader checks
+/// each against a syscall of its own. Empty without BTF or on other architectures.
+pub fn syscall_nr_offsets() -> Vec<u32> {
+    if !cfg!(target_arch = "x86_64") {
+        return Vec::new();
+    }
+    let Ok(btf) = btf_rs::Btf::from_file(VMLINUX_BTF) else {
+        return Vec::new();
+    };
+    let Some(orig_ax) = member_offset(&btf, "pt_regs", "orig_ax") else {
+        return Vec::new();
+    };
+    let size = btf.resolve_types_by_name("pt_regs").ok().and_then(|types| {
+        types.iter().find_map(|ty| match ty {
+            btf_rs::Type::Struct(s) => u32::try_from(s.size()).ok(),
+            _ => None,
+        })
+    });
+    let Some(size) = size else { return Vec::new() };
+    THREAD_SIZES.iter().map(|thread_size| thread_size - size + orig_ax).collect()
+}
+
+/// Returns the syscall numbers of the epoll waits on this architecture.
+pub fn epoll_wait_syscalls() -> Vec<i32> {
+    #[cfg(target_arch = "x86_64")]
+    let waits = [
+        syscalls::Sysno::epoll_wait,
+        syscalls::Sysno::epoll_pwait,
+        syscalls::Sysno::epoll_pwait2,
+    ];
+    #[cfg(not(target_arch = "x86_64"))]
+    let waits = [syscalls::Sysno::epoll_pwait, syscalls::Sysno::epoll_pwait2];
+    waits.into_iter().map(|sysno| sysno.id()).collect()
 }
 
 /// Returns the byte offset of a named, non-bitfield member of a struct.

@@ -28,6 +28,10 @@ use crate::{
     report::{cycle_line, stall_line, CycleJsonLine, JsonLine, Report, StallReport},
 };
 
+/// Set to 1 to name blocked syscalls from raw syscall tracepoints instead of
+/// saved registers: slower, for kernels where the registers cannot be found.
+pub const RAW_SYSCALLS_VARIABLE: &str = "STALLTRACE_RAW_SYSCALLS";
+
 /// How often the thread map is scanned for ongoing stalls.
 pub const SCAN_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -125,6 +129,15 @@ pub async fn run(options: LiveOptions) -> Result<Report> {
         offsets: kernel::kernel_offsets(),
     };
     let mut probe = Probe::attach(&config)?;
+    // The variable exercises the fallback on kernels where the registers can be read.
+    let offsets = if std::env::var_os(RAW_SYSCALLS_VARIABLE).is_some_and(|value| value == "1") {
+        Vec::new()
+    } else {
+        kernel::syscall_nr_offsets()
+    };
+    probe
+        .locate_syscall_numbers(&offsets, &kernel::epoll_wait_syscalls())
+        .await?;
     let host = HostInfo {
         virtualization: kernel::virtualization(),
         steal_source: steal_source(&config, &kernel::virtualization()),

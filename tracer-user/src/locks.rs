@@ -293,8 +293,8 @@ impl LockScanner {
         let mut maps_by_pid: HashMap<u32, Vec<Mapping>> = HashMap::new();
         let mut found = Vec::new();
         for wait in view.waits {
-            // Stacks are taken when the waiter switches out, so no stack means it has not blocked.
-            if wait.user_stack < 0 && wait.kernel_stack < 0 {
+            // A wait that has not switched out yet returned at once or is about to block.
+            if wait.blocked == 0 {
                 continue;
             }
             let lock = wait.uaddr != 0 && (futex_op::is_pi(wait.op) || wait.val == LOCKED_CONTENDED);

@@ -38,8 +38,6 @@ const ATTACHMENTS: &[(&str, &str, &[&str])] = &[
     ("sched_wakeup", "sched", &["sched_wakeup"]),
     ("sched_wakeup_new", "sched", &["sched_wakeup_new"]),
     ("sched_process_exit", "sched", &["sched_process_exit"]),
-    ("sys_enter", "raw_syscalls", &["sys_enter"]),
-    ("sys_exit", "raw_syscalls", &["sys_exit"]),
     ("futex_enter", "syscalls", &["sys_enter_futex"]),
     ("futex_wait_enter", "syscalls", &["sys_enter_futex_wait"]),
     ("futex_waitv_enter", "syscalls", &["sys_enter_futex_waitv"]),
@@ -51,9 +49,38 @@ const ATTACHMENTS: &[(&str, &str, &[&str])] = &[
     ),
 ];
 
+/// Programs that name a blocked thread's syscall from every syscall entry and
+/// exit, attached only when the syscall number cannot be read from the
+/// blocked thread's saved registers.
+const SYSCALL_FALLBACK: &[(&str, &str, &[&str])] = &[
+    ("sys_enter", "raw_syscalls", &["sys_enter"]),
+    ("sys_exit", "raw_syscalls", &["sys_exit"]),
+];
+
 /// On-CPU sampling rate of stalled loop threads, per CPU. 99 rather than 100
 /// so samples do not march in step with timers that fire at round rates.
 pub const SAMPLE_HZ: u64 = 99;
+
+/// Loads and attaches tracepoint programs, and returns the number of attachments.
+fn attach_tracepoints(ebpf: &mut Ebpf, attachments: &[(&str, &str, &[&str])]) -> Result<usize> {
+    let mut attached = 0;
+    for &(name, category, tracepoints) in attachments {
+        let program: &mut TracePoint = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the BPF object"))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| format!("the kernel rejected BPF program {name}"))?;
+        for tracepoint in tracepoints {
+            program
+                .attach(category, tracepoint)
+                .with_context(|| format!("failed to attach {name} to tracepoint {category}:{tracepoint}"))?;
+            attached += 1;
+        }
+    }
+    Ok(attached)
+}
 
 /// Load-time configuration of the BPF programs.
 pub struct ProbeConfig {
@@ -93,22 +120,7 @@ impl Probe {
             }
         }
 
-        let mut attached = 0;
-        for &(name, category, tracepoints) in ATTACHMENTS {
-            let program: &mut TracePoint = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the BPF object"))?
-                .try_into()?;
-            program
-                .load()
-                .with_context(|| format!("the kernel rejected BPF program {name}"))?;
-            for tracepoint in tracepoints {
-                program
-                    .attach(category, tracepoint)
-                    .with_context(|| format!("failed to attach {name} to tracepoint {category}:{tracepoint}"))?;
-                attached += 1;
-            }
-        }
+        let mut attached = attach_tracepoints(&mut ebpf, ATTACHMENTS)?;
         let sampler: &mut PerfEvent = ebpf
             .program_mut("on_cpu_sample")
             .ok_or_else(|| anyhow!("program on_cpu_sample missing from the BPF object"))?
@@ -130,6 +142,47 @@ impl Probe {
         }
         tracing::info!(attached, "BPF programs attached");
         Ok(Self { ebpf, attached })
+    }
+
+    /// Finds where a blocked thread's syscall number lies, trying each candidate
+    /// offset against this process's own epoll waits. Without a match it
+    /// attaches the raw syscall programs instead, which cost a run on every
+    /// syscall of every process. Returns true when an offset matched.
+    pub async fn locate_syscall_numbers(&mut self, candidates: &[u32], epoll_waits: &[i32]) -> Result<bool> {
+        for &offset in candidates {
+            self.set_array("SYSCALL_NR_OFFSET", offset)?;
+            self.set_array("SELF_SYSCALL", 0u64)?;
+            let deadline = Instant::now() + Duration::from_millis(300);
+            while Instant::now() < deadline {
+                // Each sleep parks the runtime in epoll_wait, which is when the number is read.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let seen: u64 = self.get_array("SELF_SYSCALL")?;
+                if seen >> 63 == 1 {
+                    if epoll_waits.contains(&(seen as u32 as i32)) {
+                        tracing::info!(offset, "syscall numbers read from saved user registers");
+                        return Ok(true);
+                    }
+                    break;
+                }
+            }
+        }
+        self.set_array("SYSCALL_NR_OFFSET", 0u32)?;
+        tracing::warn!("cannot read syscall numbers from saved registers, tracing every syscall instead (higher overhead)");
+        self.attached += attach_tracepoints(&mut self.ebpf, SYSCALL_FALLBACK)?;
+        Ok(false)
+    }
+
+    fn set_array<T: aya::Pod>(&mut self, name: &str, value: T) -> Result<()> {
+        let mut array: Array<&mut MapData, T> =
+            Array::try_from(self.ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?)?;
+        array.set(0, value, 0).with_context(|| format!("failed to set map {name}"))?;
+        Ok(())
+    }
+
+    fn get_array<T: aya::Pod>(&self, name: &str) -> Result<T> {
+        let array: Array<&MapData, T> =
+            Array::try_from(self.ebpf.map(name).with_context(|| format!("map {name} missing"))?)?;
+        array.get(&0, 0).with_context(|| format!("failed to read map {name}"))
     }
 
     /// Sets the threshold. Until it is set, the BPF programs send no stall.
