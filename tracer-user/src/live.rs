@@ -33,7 +33,7 @@ use crate::{
 pub const RAW_SYSCALLS_VARIABLE: &str = "STALLTRACE_RAW_SYSCALLS";
 
 /// How often the thread map is scanned for ongoing stalls.
-pub const SCAN_INTERVAL: Duration = Duration::from_millis(100);
+pub const SCAN_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Options shared by `watch` and `record`.
 pub struct LiveOptions {
@@ -333,8 +333,8 @@ fn stall_stacks(probe: &mut Probe, normalizer: &mut Normalizer, thread: &LoopThr
 fn capture_open_stacks(probe: &mut Probe, sink: &mut Sink) -> Result<()> {
     let open = sink.aggregator.open_iterations();
     let now_ns = monotonic_ns();
-    for mut thread in probe.threads_in_iteration()? {
-        if !open.contains(&(thread.tid, thread.iteration)) {
+    for mut thread in probe.loop_threads()? {
+        if !thread.in_iteration() || !open.contains(&(thread.tid, thread.iteration)) {
             continue;
         }
         // Bring the current off-CPU period into its stack slot, as a snapshot does.
@@ -348,13 +348,17 @@ fn capture_open_stacks(probe: &mut Probe, sink: &mut Sink) -> Result<()> {
 /// Feeds a snapshot of every thread in an iteration, the lock waits, the
 /// steal clocks, then a tick with the loss counters.
 fn scan(probe: &mut Probe, sink: &mut Sink) -> Result<()> {
-    let threads = probe.threads_in_iteration()?;
+    let threads = probe.loop_threads()?;
     let now_ns = monotonic_ns();
+    let mut idle_loop_threads = std::collections::HashSet::new();
     for thread in threads {
-        sink.feed(Record::Snapshot { now_ns, thread })?;
+        if thread.in_iteration() {
+            sink.feed(Record::Snapshot { now_ns, thread })?;
+        } else {
+            idle_loop_threads.insert(thread.tid);
+        }
     }
     let waits = probe.futex_waits()?;
-    let idle_loop_threads = probe.threads_in_wait()?;
     let view = KernelView {
         waits: &waits,
         idle_loop_threads: &idle_loop_threads,

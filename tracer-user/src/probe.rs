@@ -227,38 +227,20 @@ impl Probe {
             .collect()
     }
 
-    /// Returns the state of every tracked loop thread that is inside an iteration.
-    pub fn threads_in_iteration(&self) -> Result<Vec<LoopThread>> {
+    /// Returns the state of every tracked loop thread.
+    pub fn loop_threads(&self) -> Result<Vec<LoopThread>> {
         let threads: HashMap<&MapData, u32, LoopThread> =
             HashMap::try_from(self.ebpf.map("THREADS").context("map THREADS missing")?)?;
         let mut found = Vec::new();
         for entry in threads.iter() {
             match entry {
-                Ok((_, thread)) if thread.in_iteration() => found.push(thread),
-                Ok(_) => {}
+                Ok((_, thread)) => found.push(thread),
                 // An entry removed between two steps of the walk: the thread exited.
                 Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(error) => return Err(error).context("failed to read map THREADS"),
             }
         }
         Ok(found)
-    }
-
-    /// Returns the TIDs of loop threads waiting in their event loop's wait call.
-    pub fn threads_in_wait(&self) -> Result<std::collections::HashSet<u32>> {
-        let threads: HashMap<&MapData, u32, LoopThread> =
-            HashMap::try_from(self.ebpf.map("THREADS").context("map THREADS missing")?)?;
-        let mut waiting = std::collections::HashSet::new();
-        for entry in threads.iter() {
-            match entry {
-                Ok((tid, thread)) if !thread.in_iteration() => {
-                    waiting.insert(tid);
-                }
-                Ok(_) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(error) => return Err(error).context("failed to read map THREADS"),
-            }
-        }
-        Ok(waiting)
     }
 
     /// Returns every thread in scope that is inside a futex wait syscall.
