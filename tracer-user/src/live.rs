@@ -115,42 +115,7 @@ impl Sink {
 
 /// Traces until the deadline, a signal or an error, and returns the report.
 pub async fn run(options: LiveOptions) -> Result<Report> {
-    kernel::check_root()?;
-    for &pid in &options.pids {
-        if !kernel::process_exists(pid) {
-            bail!("process {pid} not found (or already exited): check the PID with `ps -p {pid}`");
-        }
-    }
-    let tracefs = kernel::ensure_tracefs()?;
-    let layout = kernel::tracepoint_layout(&tracefs)?;
-    let config = ProbeConfig {
-        pids: options.pids.clone(),
-        layout,
-        offsets: kernel::kernel_offsets(),
-    };
-    let mut probe = Probe::attach(&config)?;
-    // The variable exercises the fallback on kernels where the registers can be read.
-    let offsets = if std::env::var_os(RAW_SYSCALLS_VARIABLE).is_some_and(|value| value == "1") {
-        Vec::new()
-    } else {
-        kernel::syscall_nr_offsets()
-    };
-    probe
-        .locate_syscall_numbers(&offsets, &kernel::epoll_wait_syscalls())
-        .await?;
-    let host = HostInfo {
-        virtualization: kernel::virtualization(),
-        steal_source: steal_source(&config, &kernel::virtualization()),
-    };
-
-    let threshold_ns = match options.threshold_ns {
-        Some(threshold_ns) => {
-            eprintln!("stalltrace: threshold {} (--threshold)", Nanos(threshold_ns));
-            threshold_ns
-        }
-        None => default_threshold(&probe).await,
-    };
-    probe.set_threshold(threshold_ns)?;
+    let (mut probe, host, threshold_ns) = attach(&options).await?;
 
     let capture = match &options.output_dir {
         Some(dir) => {
@@ -208,6 +173,50 @@ pub async fn run(options: LiveOptions) -> Result<Report> {
     }
     result.and(last_scan)?;
     Ok(report)
+}
+
+/// Checks the target processes, loads and attaches the BPF programs, finds
+/// the kernel facts that need them loaded, and sets the threshold.
+async fn attach(options: &LiveOptions) -> Result<(Probe, HostInfo, u64)> {
+    kernel::check_root()?;
+    for &pid in &options.pids {
+        if !kernel::process_exists(pid) {
+            bail!("process {pid} not found (or already exited): check the PID with `ps -p {pid}`");
+        }
+    }
+    let tracefs = kernel::ensure_tracefs()?;
+    let layout = kernel::tracepoint_layout(&tracefs)?;
+    let config = ProbeConfig {
+        pids: options.pids.clone(),
+        layout,
+        offsets: kernel::kernel_offsets(),
+    };
+    let mut probe = Probe::attach(&config)?;
+
+    // The variable exercises the fallback on kernels where the registers can be read.
+    let offsets = if std::env::var_os(RAW_SYSCALLS_VARIABLE).is_some_and(|value| value == "1") {
+        Vec::new()
+    } else {
+        kernel::syscall_nr_offsets()
+    };
+    probe
+        .locate_syscall_numbers(&offsets, &kernel::epoll_wait_syscalls())
+        .await?;
+    let virtualization = kernel::virtualization();
+    let host = HostInfo {
+        steal_source: steal_source(&config, &virtualization),
+        virtualization,
+    };
+
+    let threshold_ns = match options.threshold_ns {
+        Some(threshold_ns) => {
+            eprintln!("stalltrace: threshold {} (--threshold)", Nanos(threshold_ns));
+            threshold_ns
+        }
+        None => default_threshold(&probe).await,
+    };
+    probe.set_threshold(threshold_ns)?;
+    Ok((probe, host, threshold_ns))
 }
 
 /// Describes where steal figures come from, or why there are none.
