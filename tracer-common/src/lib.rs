@@ -419,7 +419,8 @@ pub mod futex_op {
     }
 }
 
-/// A thread inside a futex wait syscall, the value of the `FUTEX_WAITS` map keyed by TID.
+/// A thread inside a futex wait for a lock (a PI futex, or a mutex word in its
+/// contended state 2), the value of the `FUTEX_WAITS` map keyed by TID.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FutexWait {
@@ -433,8 +434,7 @@ pub struct FutexWait {
     pub op: u32,
     /// The value the waiter expected in the futex word.
     pub val: u32,
-    /// User stack when the thread blocked, or [`NO_STACK`] until it blocks
-    /// (and for waits other than lock waits, whose stacks are not walked).
+    /// User stack when the thread blocked, or [`NO_STACK`] until it blocks.
     pub user_stack: i32,
     pub kernel_stack: i32,
     /// 1 once the thread has switched out inside this wait.

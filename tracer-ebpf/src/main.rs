@@ -8,6 +8,12 @@
 //! userspace straight from the `THREADS` map.
 #![no_std]
 #![no_main]
+// The BPF target's `core` has no `fetch_add`, but LLVM lowers the intrinsic to
+// the BPF atomic add instruction.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     helpers::{
@@ -68,7 +74,11 @@ static THREADS: HashMap<u32, LoopThread> = HashMap::with_max_entries(16384, 0);
 
 /// Number of loop threads per process, by PID.
 #[map]
-static PROC_LOOP_THREADS: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0);
+static PROC_LOOP_THREADS: HashMap<u32, u64> = HashMap::with_max_entries(16384, 0);
+
+/// Loop threads already counted in `THREAD_MAP_FULL`, so each counts once.
+#[map]
+static UNTRACKED: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
 
 /// Processes in scope when `FILTER_PIDS` is set, by PID.
 #[map]
@@ -101,15 +111,23 @@ static SELF_SLICE: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 static RQ_BY_CPU: Array<u64> = Array::with_max_entries(MAX_CPUS, 0);
 
-/// Each CPU's steal clock (`rq->prev_steal_time`) at its latest context switch.
+/// Each CPU's steal clock (`rq->prev_steal_time`), copied at context switches.
 #[map]
 static CPU_STEAL: Array<u64> = Array::with_max_entries(MAX_CPUS, 0);
+
+/// When each CPU last copied its steal clock into `CPU_STEAL` without a tracked thread involved.
+#[map]
+static CPU_STEAL_AT: Array<u64> = Array::with_max_entries(MAX_CPUS, 0);
+
+/// How often a CPU copies its steal clock when no tracked thread switches on it:
+/// about one scheduler tick at 250 Hz, finer than `/proc/stat`'s 10 ms.
+const STEAL_REFRESH_NS: u64 = 4_000_000;
 
 /// User and kernel stacks, by ID.
 #[map]
 static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 
-/// Threads in scope inside a futex wait syscall, by TID.
+/// Threads in scope inside a futex wait for a lock, by TID.
 #[map]
 static FUTEX_WAITS: HashMap<u32, FutexWait> = HashMap::with_max_entries(16384, 0);
 
@@ -221,10 +239,11 @@ fn this_cpu_steal(prev_is_idle: bool) -> (u64, u64) {
     let Some(slot) = RQ_BY_CPU.get_ptr_mut(cpu) else {
         return (0, 0);
     };
-    // The idle task is not on a CFS run queue, so learn the rq from real tasks only.
+    // A CPU's run queue never moves, so it is learned once. The idle task is
+    // not on a CFS run queue, so it is learned from a real task.
     let mut rq = unsafe { *slot };
-    if !prev_is_idle {
-        rq = read_kernel::<u64>(current_cfs_rq(), offsets.cfs_rq_rq).unwrap_or(rq);
+    if rq == 0 && !prev_is_idle {
+        rq = read_kernel::<u64>(current_cfs_rq(), offsets.cfs_rq_rq).unwrap_or(0);
         unsafe { *slot = rq };
     }
     let steal = read_kernel::<u64>(rq, offsets.rq_prev_steal_time).unwrap_or(0);
@@ -232,6 +251,24 @@ fn this_cpu_steal(prev_is_idle: bool) -> (u64, u64) {
         unsafe { *clock = steal };
     }
     (rq, steal)
+}
+
+/// Returns true if this CPU's steal clock was last copied to `CPU_STEAL` more
+/// than `STEAL_REFRESH_NS` ago, and marks it copied now.
+#[inline(always)]
+fn steal_refresh_due(now_ns: u64) -> bool {
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let Some(last) = CPU_STEAL_AT.get_ptr_mut(cpu) else {
+        return false;
+    };
+    // SAFETY: the slot is a valid map value, written only from this CPU.
+    unsafe {
+        if now_ns.saturating_sub(*last) < STEAL_REFRESH_NS {
+            return false;
+        }
+        *last = now_ns;
+    }
+    true
 }
 
 /// Returns the run queue of `cpu` and its steal clock, or zeros when unknown.
@@ -277,17 +314,34 @@ fn track(pid: u32, tid: u32, now_ns: u64) -> Option<&'static mut LoopThread> {
         state.comm = comm;
     }
     if THREADS.insert(&tid, &state, BPF_NOEXIST as u64).is_err() {
-        count(counter::THREAD_MAP_FULL);
+        // An untracked thread tries again at every wait, so count it only the first time.
+        if UNTRACKED.insert(&tid, &1, BPF_NOEXIST as u64).is_ok() {
+            count(counter::THREAD_MAP_FULL);
+        }
         return None;
     }
+    // Threads of one process start on several CPUs at once, so the count is atomic.
     match PROC_LOOP_THREADS.get_ptr_mut(&pid) {
-        // SAFETY: map values stay valid for the program's run.
-        Some(loops) => unsafe { *loops += 1 },
+        Some(loops) => add_to_count(loops, 1),
         None => {
-            let _ = PROC_LOOP_THREADS.insert(&pid, &1, 0);
+            if PROC_LOOP_THREADS.insert(&pid, &1, BPF_NOEXIST as u64).is_err() {
+                if let Some(loops) = PROC_LOOP_THREADS.get_ptr_mut(&pid) {
+                    // Another CPU inserted the count first.
+                    add_to_count(loops, 1);
+                }
+            }
         }
     }
     thread(tid)
+}
+
+/// Adds `delta` (wrapping, so `u64::MAX` subtracts 1) to a shared count.
+/// The result is not returned because BPF CPU v1, which these programs target,
+/// has an atomic add that cannot fetch.
+#[inline(always)]
+fn add_to_count(count: *mut u64, delta: u64) {
+    // SAFETY: `count` points to a map value, valid and 8-byte aligned for the program's run.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, delta) };
 }
 
 /// Stops following a loop thread.
@@ -297,13 +351,12 @@ fn untrack(pid: u32, tid: u32) {
         return;
     }
     if let Some(loops) = PROC_LOOP_THREADS.get_ptr_mut(&pid) {
+        add_to_count(loops, u64::MAX);
         // SAFETY: map values stay valid for the program's run.
-        unsafe {
-            if *loops <= 1 {
-                let _ = PROC_LOOP_THREADS.remove(&pid);
-            } else {
-                *loops -= 1;
-            }
+        if unsafe { *loops } == 0 {
+            // NOTE: a thread of the same process tracked between the decrement and
+            // this removal loses its count, so the process may count one loop too few.
+            let _ = PROC_LOOP_THREADS.remove(&pid);
         }
     }
 }
@@ -361,12 +414,15 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
     let now_ns = unsafe { bpf_ktime_get_ns() };
     let prev = unsafe { read_field::<i32>(&ctx, layout.switch_prev_pid) }.unwrap_or(0);
     let next = unsafe { read_field::<i32>(&ctx, layout.switch_next_pid) }.unwrap_or(0);
+    // Reading the steal clock costs a few kernel reads, so it is done for tracked
+    // threads and otherwise only often enough to keep the per-CPU totals current.
     // The tracepoint fires before the switch, so `current` is still `prev`.
-    let (rq, steal) = this_cpu_steal(prev == 0);
+    let mut clock: Option<(u64, u64)> = None;
     let prev_state = unsafe { read_field::<i64>(&ctx, layout.switch_prev_state) }.unwrap_or(0);
     let blocking = prev_state & SLEEPING_STATE_MASK != 0;
     let mut stacks = None;
     if let Some(state) = thread(prev as u32) {
+        let (rq, steal) = *clock.get_or_insert_with(|| this_cpu_steal(prev == 0));
         state.accrue(now_ns);
         state.settle_steal(rq, steal);
         if blocking {
@@ -395,11 +451,7 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
             // SAFETY: map values stay valid for the program's run.
             let wait = unsafe { &mut *wait };
             wait.blocked = 1;
-            // Walking stacks is the costliest step here, so only lock waits pay
-            // for it, besides loop threads whose stacks were walked above.
-            let lock_like = wait.val == LOCKED_CONTENDED || futex_op::is_pi(wait.op);
-            let unwalked = wait.user_stack == NO_STACK && wait.kernel_stack == NO_STACK;
-            if unwalked && (lock_like || stacks.is_some()) {
+            if wait.user_stack == NO_STACK && wait.kernel_stack == NO_STACK {
                 let (user, kernel) = *stacks.get_or_insert_with(|| current_stacks(&ctx));
                 wait.user_stack = user;
                 wait.kernel_stack = kernel;
@@ -407,9 +459,13 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
         }
     }
     if let Some(state) = thread(next as u32) {
+        let (rq, steal) = *clock.get_or_insert_with(|| this_cpu_steal(prev == 0));
         state.accrue(now_ns);
         state.settle_steal(rq, steal);
         state.run_state = run_state::RUNNING;
+    }
+    if clock.is_none() && steal_refresh_due(now_ns) {
+        this_cpu_steal(prev == 0);
     }
     0
 }
@@ -503,7 +559,9 @@ fn enter_futex(uaddr: u64, op: u32, val: u32) {
     }
     let key = FutexKey { pid, _pad: 0, uaddr };
     if futex_op::is_wait(op) {
-        if !in_scope(pid) {
+        // Condition variables and parkers are waited on far more often than
+        // locks, and only lock waits can form a deadlock, so only those are kept.
+        if !lock_like || !in_scope(pid) {
             return;
         }
         let wait = FutexWait {
@@ -519,9 +577,7 @@ fn enter_futex(uaddr: u64, op: u32, val: u32) {
             _pad: 0,
         };
         let _ = FUTEX_WAITS.insert(&tid, &wait, 0);
-        if lock_like {
-            let _ = FUTEX_TRAFFIC.insert(&key, &FutexTraffic::default(), BPF_NOEXIST as u64);
-        }
+        let _ = FUTEX_TRAFFIC.insert(&key, &FutexTraffic::default(), BPF_NOEXIST as u64);
     } else if futex_op::is_wake(op) {
         note_wake(&key, tid);
     }
