@@ -10,11 +10,14 @@ use std::{
     fs,
     os::unix::fs::symlink,
     path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    io::{BufRead as _, BufReader},
+    process::{Command, ExitCode, Stdio},
 };
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
+
+mod bench;
 
 /// bpf-linker release that builds against LLVM 22, the LLVM of the nightly toolchain.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -47,6 +50,13 @@ enum Task {
     Test {
         /// Only run scenario tests whose name contains this string.
         filter: Option<String>,
+    },
+    /// Measure stalltrace's overhead against offcputime and bpftrace, its BPF program
+    /// costs and detection latency, and write BENCHMARKS.md (about 10 minutes, as root).
+    Bench {
+        /// Runs of each workload under each tracer.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
     },
 }
 
@@ -87,11 +97,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             project.setup_packages(TEST_PACKAGES)?;
             project.test(filter.as_deref())
         }
+        Task::Bench { runs } => {
+            project.setup_toolchain()?;
+            project.setup_packages(bench::PACKAGES)?;
+            let binary = project.build()?;
+            bench::run(&project.root, &binary, runs)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
 fn exit_code(code: Option<i32>) -> ExitCode {
-    // A signal death has no code. 128 + signal would need the raw status, and 1 says enough.
+    // A signal death has no code. 128 + signal would need the raw status, and 1 is enough.
     ExitCode::from(code.map_or(1, |code| u8::try_from(code).unwrap_or(1)))
 }
 
@@ -282,7 +299,8 @@ impl Project {
         unit.current_dir(&self.root)
             .args(["test", "--release", "--workspace", "--exclude", "stalltrace-tests", "--exclude", "tracer-ebpf"]);
         self.with_bpf_env(&mut unit)?;
-        run_checked(&mut unit)?;
+        let mut totals = TestTotals::default();
+        run_counted(&mut unit, &mut totals)?;
 
         step("scenario tests (real kernel, one at a time)");
         if !is_root() {
@@ -298,9 +316,69 @@ impl Project {
             scenarios.arg(filter);
         }
         self.with_bpf_env(&mut scenarios)?;
-        run_checked(&mut scenarios)?;
+        run_counted(&mut scenarios, &mut totals)?;
+        // cargo's last summary is often a doc-test run with 0 tests; this line sums them all.
+        println!(
+            "xtask: {} passed, {} failed, {} skipped",
+            totals.passed, totals.failed, totals.ignored
+        );
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// Test counts summed over the `test result:` lines of several cargo runs.
+#[derive(Default)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl TestTotals {
+    /// Adds the counts of a line like `test result: ok. 8 passed; 0 failed; 1 ignored; ...`.
+    fn add_line(&mut self, line: &str) {
+        let Some(counts) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in counts.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(kind), Some(number)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(number) = number.parse::<u64>() else { continue };
+            match kind {
+                "passed" => self.passed += number,
+                "failed" => self.failed += number,
+                "ignored" => self.ignored += number,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs a cargo test command, echoing its output, and adds its counts to `totals`.
+fn run_counted(command: &mut Command, totals: &mut TestTotals) -> Result<()> {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("failed to start {command:?}"))?;
+    let stdout = child.stdout.take().context("test output is not piped")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("failed to read the test output")?;
+        println!("{line}");
+        totals.add_line(&line);
+    }
+    let status = child.wait().with_context(|| format!("failed to wait for {command:?}"))?;
+    if !status.success() {
+        println!(
+            "xtask: {} passed, {} failed, {} skipped",
+            totals.passed,
+            totals.failed.max(1),
+            totals.ignored
+        );
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
 }
 
 fn step(message: &str) {
@@ -347,4 +425,21 @@ fn output(command: &mut Command) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_sum_result_lines() {
+        let mut totals = TestTotals::default();
+        totals.add_line("test result: ok. 8 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 37.19s");
+        totals.add_line("test result: FAILED. 2 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out");
+        totals.add_line("test spin_handler_is_on_cpu ... ok");
+
+        assert_eq!(totals.passed, 10);
+        assert_eq!(totals.failed, 3);
+        assert_eq!(totals.ignored, 1);
+    }
 }

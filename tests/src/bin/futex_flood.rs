@@ -4,17 +4,19 @@
 //! `futex-flood [--duration-ms MS] [--threads T] [--epoll-every K]`
 //!
 //! T threads (default 2) named `flood-0`, `flood-1`, ... alternate, for MS ms (default
-//! 3000), between a `FUTEX_WAKE_PRIVATE` of a word nobody waits on and a
+//! 3000), between a `FUTEX_WAKE_PRIVATE` of a word no thread waits on and a
 //! `FUTEX_WAIT_PRIVATE` with a value the word does not contain, which returns EAGAIN
 //! without sleeping. Each wait enters and leaves the futex wait path that stalltrace
 //! tracks. Every K futex calls (default 1000) a thread calls `epoll_wait` with a zero
 //! timeout, so it is a loop thread whose iterations are K futex calls long.
 //!
 //! After the flood the threads sleep in `clock_nanosleep`, 10 ms at a time, and never
-//! touch a futex again. Stdout gets `{"pid":P,"threads":{"flood-0":TID,...}}` at start
-//! and `{"futex_ops":N,"elapsed_ns":E,"ops_per_sec":R}` once every thread has finished
-//! its flood. End of file on stdin makes the threads exit, and the process exits once
-//! they have.
+//! touch a futex again. Stdout gets `{"pid":P}` at start, after which the process waits
+//! for one line (or end of file) on stdin, so a tracer can attach first. Then it prints
+//! `{"threads":{"flood-0":TID,...}}` once the threads run, and
+//! `{"futex_ops":N,"elapsed_ns":E,"ops_per_sec":R}` once every thread has finished its
+//! flood. End of file on stdin makes the threads exit, and the process exits once they
+//! have.
 
 use std::{
     collections::BTreeMap,
@@ -85,6 +87,10 @@ enum Report {
 }
 
 fn run(options: Options) -> io::Result<()> {
+    print_json(&serde_json::json!({ "pid": std::process::id() }))?;
+    let mut start_line = String::new();
+    io::stdin().lock().read_line(&mut start_line)?;
+
     let stop = Arc::new(AtomicBool::new(false));
     let (sender, reports) = mpsc::channel();
     let deadline = Instant::now() + options.duration;
@@ -117,7 +123,7 @@ fn run(options: Options) -> io::Result<()> {
             Report::Tid(name, tid) => {
                 threads.insert(name, tid);
                 if threads.len() == options.threads {
-                    print_json(&serde_json::json!({ "pid": std::process::id(), "threads": threads }))?;
+                    print_json(&serde_json::json!({ "threads": threads }))?;
                 }
             }
             Report::Ops(result) => {

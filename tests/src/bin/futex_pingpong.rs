@@ -25,9 +25,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// Futex word value while `ping` holds the token.
+/// Futex word value while `ping` has the token.
 const PING_TURN: u32 = 0;
-/// Futex word value while `pong` holds the token.
+/// Futex word value while `pong` has the token.
 const PONG_TURN: u32 = 1;
 /// Futex word value after the exchange stopped; both threads return.
 const STOPPED: u32 = 2;

@@ -15,7 +15,8 @@
 //! stay there until the main thread releases them through an eventfd, or until MS ms
 //! (default 60000) pass. This fills stalltrace's loop-thread map when N is larger than it.
 //!
-//! Stdout gets `{"pid":P}` at start. `churn` then prints
+//! Stdout gets `{"pid":P}` at start. Both modes then wait for one line (or end of file)
+//! on stdin before they start, so a tracer can attach first. `churn` then prints
 //! `{"threads":T,"stalled_threads":X,"elapsed_ns":E,"threads_per_sec":R}` when it has
 //! joined every thread. `hold` prints `{"holding":N}` once all N threads have called
 //! `epoll_wait` and 300 ms have passed, waits for a line or end of file on stdin,
@@ -68,6 +69,7 @@ fn main() -> ExitCode {
         }
     };
     let result = print_json(&serde_json::json!({ "pid": std::process::id() }))
+        .and_then(|()| read_start_line())
         .and_then(|()| match mode {
             Mode::Churn {
                 duration,
@@ -178,43 +180,107 @@ fn short_loop(waits: usize, stall: Option<Duration>) -> io::Result<()> {
     Ok(())
 }
 
+/// State shared by the threads of `hold`.
+struct HoldShared {
+    epoll: Epoll,
+    entered: AtomicUsize,
+    timeout_ms: i32,
+    failures: AtomicUsize,
+}
+
 fn hold(threads: usize, timeout: Duration) -> io::Result<()> {
-    let epoll = Arc::new(Epoll::new()?);
+    let shared = Arc::new(HoldShared {
+        epoll: Epoll::new()?,
+        entered: AtomicUsize::new(0),
+        timeout_ms: i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX),
+        failures: AtomicUsize::new(0),
+    });
     let release = EventFd::new()?;
-    epoll.add(release.fd)?;
-    let entered = Arc::new(AtomicUsize::new(0));
-    let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    shared.epoll.add(release.fd)?;
 
+    // std threads each map a signal stack with a guard page besides their own stack,
+    // which runs into vm.max_map_count (65530 by default) before 17,000 threads, so
+    // these are plain pthreads with a small stack.
     let mut handles = Vec::with_capacity(threads);
+    let mut spawn_error = None;
     for _ in 0..threads {
-        let epoll = Arc::clone(&epoll);
-        let entered = Arc::clone(&entered);
-        let handle = thread::Builder::new()
-            .name("held".into())
-            .stack_size(WORKER_STACK_BYTES)
-            .spawn(move || {
-                entered.fetch_add(1, Ordering::AcqRel);
-                epoll.wait(timeout_ms)
-            })?;
-        handles.push(handle);
+        match spawn_held_thread(&shared) {
+            Ok(handle) => handles.push(handle),
+            Err(error) => {
+                spawn_error = Some(error);
+                break;
+            }
+        }
     }
-    while entered.load(Ordering::Acquire) < threads {
-        thread::sleep(Duration::from_millis(5));
+    if spawn_error.is_none() {
+        while shared.entered.load(Ordering::Acquire) < threads {
+            thread::sleep(Duration::from_millis(5));
+        }
+        thread::sleep(HOLD_SETTLE);
+        print_json(&serde_json::json!({ "holding": threads }))?;
+        // Any line or end of file releases the threads.
+        let mut line = String::new();
+        io::stdin().lock().read_line(&mut line)?;
     }
-    thread::sleep(HOLD_SETTLE);
-    print_json(&serde_json::json!({ "holding": threads }))?;
 
-    // Any line or end of file releases the threads.
-    let mut line = String::new();
-    io::stdin().lock().read_line(&mut line)?;
-    // Level-triggered readiness stays set, so every waiter on the epoll instance sees it.
+    // Level-triggered readiness stays set, so epoll_wait returns it to every waiter.
     release.signal()?;
     for handle in handles {
-        handle
-            .join()
-            .map_err(|_| io::Error::other("a held thread panicked"))??;
+        // SAFETY: each handle is a joinable thread started by spawn_held_thread and joined once.
+        let result = unsafe { libc::pthread_join(handle, std::ptr::null_mut()) };
+        if result != 0 {
+            return Err(io::Error::from_raw_os_error(result));
+        }
+    }
+    if let Some(error) = spawn_error {
+        return Err(io::Error::new(
+            error.kind(),
+            format!("failed to start thread {} of {threads}: {error}", shared.entered.load(Ordering::Acquire) + 1),
+        ));
+    }
+    let failures = shared.failures.load(Ordering::Acquire);
+    if failures > 0 {
+        return Err(io::Error::other(format!("{failures} held threads failed in epoll_wait")));
     }
     print_json(&serde_json::json!({ "released": threads }))
+}
+
+fn spawn_held_thread(shared: &Arc<HoldShared>) -> io::Result<libc::pthread_t> {
+    // SAFETY: pthread_attr_t is plain data that pthread_attr_init initializes.
+    let mut attr: libc::pthread_attr_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `attr` is valid for writes, and is destroyed below.
+    unsafe {
+        libc::pthread_attr_init(&mut attr);
+        libc::pthread_attr_setstacksize(&mut attr, WORKER_STACK_BYTES);
+    }
+    let argument = Arc::into_raw(Arc::clone(shared)) as *mut libc::c_void;
+    let mut handle: libc::pthread_t = 0;
+    // SAFETY: `held_thread` takes ownership of the Arc passed as its argument.
+    let result = unsafe { libc::pthread_create(&mut handle, &attr, held_thread, argument) };
+    // SAFETY: `attr` was initialized above and is not used again.
+    unsafe { libc::pthread_attr_destroy(&mut attr) };
+    if result != 0 {
+        // SAFETY: the thread did not start, so the Arc reference is still ours to release.
+        drop(unsafe { Arc::from_raw(argument as *const HoldShared) });
+        return Err(io::Error::from_raw_os_error(result));
+    }
+    Ok(handle)
+}
+
+extern "C" fn held_thread(argument: *mut libc::c_void) -> *mut libc::c_void {
+    // SAFETY: spawn_held_thread passes an Arc<HoldShared> turned into a raw pointer.
+    let shared = unsafe { Arc::from_raw(argument as *const HoldShared) };
+    shared.entered.fetch_add(1, Ordering::AcqRel);
+    if shared.epoll.wait(shared.timeout_ms).is_err() {
+        shared.failures.fetch_add(1, Ordering::AcqRel);
+    }
+    std::ptr::null_mut()
+}
+
+fn read_start_line() -> io::Result<()> {
+    let mut line = String::new();
+    io::stdin().lock().read_line(&mut line)?;
+    Ok(())
 }
 
 fn wait_for_stdin_eof() -> io::Result<()> {
