@@ -10,6 +10,7 @@ pub mod locks;
 pub mod cli;
 pub mod protocol;
 pub mod stacks;
+pub mod stdin_loop;
 mod recording;
 mod redis;
 mod report;
