@@ -361,7 +361,7 @@ pub struct KernelOffsets {
     pub cfs_rq_throttle_count: u32,
     /// `rq.prev_steal_time`: steal the scheduler has taken out of this CPU's task clock.
     pub rq_prev_steal_time: u32,
-    /// `task_struct.stack`: the base of the task's kernel stack, whose top holds its user registers.
+    /// `task_struct.stack`: the base of the task's kernel stack, whose top contains its saved user registers.
     pub task_stack: u32,
 }
 

@@ -56,7 +56,7 @@ pub struct WeightedStack {
 pub struct StallStacks {
     pub tid: u32,
     pub iteration: u64,
-    /// Where the thread switched out, weighted by the off-CPU time that followed.
+    /// Stacks the thread blocked at, weighted by the off-CPU time that followed.
     pub off_cpu: Vec<WeightedStack>,
     /// On-CPU samples taken after the iteration passed the threshold, weighted by count.
     pub samples: Vec<WeightedStack>,
@@ -83,7 +83,7 @@ pub struct Cycle {
     pub edges: Vec<CycleEdge>,
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,
-    /// True while the latest scan still sees the cycle.
+    /// True while the latest scan still finds the cycle.
     pub ongoing: bool,
 }
 

@@ -70,7 +70,7 @@ pub struct CaptureHeader {
 pub struct HostInfo {
     /// `kvm`, another hypervisor, `none` for bare metal.
     pub virtualization: String,
-    /// Where steal figures come from, or why there are none.
+    /// Source of the steal figures, or the reason there are none.
     pub steal_source: String,
 }
 
