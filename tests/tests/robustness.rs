@@ -272,9 +272,9 @@ fn futex_waits_of(map_id: u32, pid: u32) -> BTreeMap<u32, FutexWait> {
 
 /// Returns the `PROC_LOOP_THREADS` count of process `pid`: its threads in `THREADS`,
 /// which the BPF programs keep up to date as threads start and stop being tracked.
-fn loop_count_of(map_id: u32, pid: u32) -> Option<u32> {
-    let counts: HashMap<MapData, u32, u32> =
-        HashMap::try_from(open_map(map_id)).expect("PROC_LOOP_THREADS is not a hash map of u32");
+fn loop_count_of(map_id: u32, pid: u32) -> Option<u64> {
+    let counts: HashMap<MapData, u32, u64> =
+        HashMap::try_from(open_map(map_id)).expect("PROC_LOOP_THREADS is not a hash map of u64");
     match counts.get(&pid, 0) {
         Ok(count) => Some(count),
         Err(aya::maps::MapError::KeyNotFound) => None,
@@ -506,8 +506,8 @@ struct FullMap {
     /// `THREADS` entries of the process while every thread waited in `epoll_wait`.
     tracked_while_held: u32,
     /// `PROC_LOOP_THREADS` of the process while the threads waited, and after they exited.
-    loop_count_while_held: Option<u32>,
-    loop_count_at_end: Option<u32>,
+    loop_count_while_held: Option<u64>,
+    loop_count_at_end: Option<u64>,
     /// `THREAD_MAP_FULL` while the threads waited, and after they exited.
     untracked_while_held: u64,
     untracked_at_end: u64,
@@ -594,14 +594,14 @@ fn loop_count_matches_threads() {
     if !require_root(test) {
         return;
     }
-    // The race needs two CPUs to update one count at the same moment, so a clean run
-    // proves little: each attempt starts and ends 17,000 loop threads in bursts.
+    // A lost update needs two CPUs to change one count at the same moment, so one clean
+    // attempt proves little. Each attempt starts and ends 17,000 loop threads in bursts.
     for attempt in 1..=ATTEMPTS {
         let dir = TestDir::new(test);
         let full = hold_more_threads_than_the_map(&dir);
         assert_eq!(
             full.loop_count_while_held,
-            Some(full.tracked_while_held),
+            Some(u64::from(full.tracked_while_held)),
             "attempt {attempt}: PROC_LOOP_THREADS disagrees with the THREADS entries of the process"
         );
         assert_eq!(

@@ -316,9 +316,11 @@ fn redis_debug_sleep_is_syscall() {
         "the stall starts at {} ns, before redis-cli started at {before_ns} ns; report:\n{report}",
         stall.start_ns
     );
+    // The iteration ends when redis enters epoll_wait again, after it has sent the
+    // reply, so it may end just after redis-cli has read the reply and returned.
     assert!(
-        stall.end_ns() <= after_ns,
-        "the stall ends at {} ns, after redis-cli returned at {after_ns} ns; report:\n{report}",
+        stall.end_ns() <= after_ns + 50 * MS,
+        "the stall ends at {} ns, over 50 ms after redis-cli returned at {after_ns} ns; report:\n{report}",
         stall.end_ns()
     );
     assert_finished_stall(stall, &report);

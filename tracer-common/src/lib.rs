@@ -419,8 +419,7 @@ pub mod futex_op {
     }
 }
 
-/// A thread inside a futex wait for a lock (a PI futex, or a mutex word in its
-/// contended state 2), the value of the `FUTEX_WAITS` map keyed by TID.
+/// A thread inside a futex wait, the value of the `FUTEX_WAITS` map keyed by TID.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FutexWait {

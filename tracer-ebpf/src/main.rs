@@ -127,7 +127,8 @@ const STEAL_REFRESH_NS: u64 = 4_000_000;
 #[map]
 static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 
-/// Threads in scope inside a futex wait for a lock, by TID.
+/// Threads in scope inside a futex wait, by TID: lock waits, and with a PID
+/// filter every futex wait.
 #[map]
 static FUTEX_WAITS: HashMap<u32, FutexWait> = HashMap::with_max_entries(16384, 0);
 
@@ -560,8 +561,9 @@ fn enter_futex(uaddr: u64, op: u32, val: u32) {
     let key = FutexKey { pid, _pad: 0, uaddr };
     if futex_op::is_wait(op) {
         // Condition variables and parkers are waited on far more often than
-        // locks, and only lock waits can form a deadlock, so only those are kept.
-        if !lock_like || !in_scope(pid) {
+        // locks and cannot form a deadlock, so tracing every process keeps only
+        // lock waits. With --pid the cost stays in the chosen processes.
+        if !in_scope(pid) || (!lock_like && FILTER_PIDS.load() == 0) {
             return;
         }
         let wait = FutexWait {
@@ -577,7 +579,9 @@ fn enter_futex(uaddr: u64, op: u32, val: u32) {
             _pad: 0,
         };
         let _ = FUTEX_WAITS.insert(&tid, &wait, 0);
-        let _ = FUTEX_TRAFFIC.insert(&key, &FutexTraffic::default(), BPF_NOEXIST as u64);
+        if lock_like {
+            let _ = FUTEX_TRAFFIC.insert(&key, &FutexTraffic::default(), BPF_NOEXIST as u64);
+        }
     } else if futex_op::is_wake(op) {
         note_wake(&key, tid);
     }

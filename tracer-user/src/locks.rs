@@ -44,6 +44,9 @@ const GLIBC_MUTEX_WAIT_FUNCTIONS: &[&str] = &[
 const GLIBC_FRAMES_SEARCHED: usize = 4;
 /// Lock waits younger than this are ordinary contention and are not reported.
 pub const MIN_LOCK_WAIT_NS: u64 = 50_000_000;
+/// Other futex waits (condition variables, idle workers parking) are reported
+/// only after this long, so a busy thread pool does not flood the capture.
+pub const MIN_OTHER_WAIT_NS: u64 = 1_000_000_000;
 
 /// The kind of evidence behind a holder.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -282,10 +285,10 @@ impl LockScanner {
         }
     }
 
-    /// Builds the lock waits of one scan at `now_ns`: every thread blocked in a
-    /// futex wait for a lock for at least [`MIN_LOCK_WAIT_NS`]. The BPF side
-    /// keeps no other futex waits, because condition variables and parkers
-    /// are waited on far more often and cannot form a deadlock.
+    /// Builds the futex waits of one scan at `now_ns`: lock waits that have
+    /// lasted [`MIN_LOCK_WAIT_NS`] and other waits that have lasted
+    /// [`MIN_OTHER_WAIT_NS`]. The BPF side keeps other waits only when tracing
+    /// selected processes, because they are far more frequent than lock waits.
     pub fn scan(&mut self, view: &KernelView<'_>, now_ns: u64) -> Vec<LockWait> {
         let waiters: HashSet<u32> = view.waits.iter().map(|wait| wait.tid).collect();
         let mut maps_by_pid: HashMap<u32, Vec<Mapping>> = HashMap::new();
@@ -296,7 +299,8 @@ impl LockScanner {
                 continue;
             }
             let lock = wait.uaddr != 0 && (futex_op::is_pi(wait.op) || wait.val == LOCKED_CONTENDED);
-            if now_ns.saturating_sub(wait.since_ns) < MIN_LOCK_WAIT_NS {
+            let minimum = if lock { MIN_LOCK_WAIT_NS } else { MIN_OTHER_WAIT_NS };
+            if now_ns.saturating_sub(wait.since_ns) < minimum {
                 continue;
             }
             let maps = maps_by_pid.entry(wait.pid).or_insert_with(|| {
