@@ -124,6 +124,8 @@ static CPU_STEAL_AT: Array<u64> = Array::with_max_entries(MAX_CPUS, 0);
 const STEAL_REFRESH_NS: u64 = 4_000_000;
 
 /// User and kernel stacks, by ID.
+// NOTE: entries are never freed, so after many distinct stacks new ones that
+// hash into a taken slot come back as NO_STACK and a long run loses stacks.
 #[map]
 static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 
