@@ -219,6 +219,8 @@ impl StealSpan {
 }
 
 /// Stalls found so far, and the loss counters.
+// NOTE: every stall is kept until the end for the report, so a long `watch`
+// on a host with thousands of stalls a second grows without bound.
 #[derive(Debug)]
 pub struct Aggregator {
     threshold_ns: u64,

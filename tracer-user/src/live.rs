@@ -32,6 +32,10 @@ use crate::{
 /// saved registers: slower, for kernels where the registers cannot be found.
 pub const RAW_SYSCALLS_VARIABLE: &str = "STALLTRACE_RAW_SYSCALLS";
 
+/// Ring-buffer records handled before the loop looks at scans and signals again.
+/// Each record walks the sample map, so a flood of stalls could otherwise hold off scans for seconds.
+const DRAIN_BATCH: usize = 256;
+
 /// How often the thread map is scanned for ongoing stalls.
 pub const SCAN_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -153,7 +157,7 @@ pub async fn run(options: LiveOptions) -> Result<Report> {
     let result = trace(&mut probe, &mut events, &mut sink, &options).await;
     // Whatever stopped the loop, take a last look so ongoing stalls are reported
     // with their current length and stacks.
-    let last_scan = drain(&mut probe, events.get_mut(), &mut sink)
+    let last_scan = drain_all(&mut probe, events.get_mut(), &mut sink)
         .and_then(|()| scan(&mut probe, &mut sink))
         .and_then(|()| capture_open_stacks(&mut probe, &mut sink));
     drop(events);
@@ -266,8 +270,10 @@ async fn trace(
         tokio::select! {
             guard = events.readable_mut() => {
                 let mut guard = guard.context("failed to poll the ring buffer")?;
-                drain(probe, guard.get_inner_mut(), sink)?;
-                guard.clear_ready();
+                // Readiness stays set while records remain, so the loop comes back for them.
+                if drain(probe, guard.get_inner_mut(), sink)? {
+                    guard.clear_ready();
+                }
             }
             _ = ticks.tick() => {
                 drain(probe, events.get_mut(), sink)?;
@@ -291,8 +297,13 @@ async fn trace(
 }
 
 /// Feeds every ended stall in the ring buffer, each followed by its stacks.
-fn drain(probe: &mut Probe, events: &mut RingBuf<MapData>, sink: &mut Sink) -> Result<()> {
-    while let Some(item) = events.next() {
+/// Returns true when the ring buffer is empty, false when it stopped after
+/// [`DRAIN_BATCH`] records so that scans and signals get their turn.
+fn drain(probe: &mut Probe, events: &mut RingBuf<MapData>, sink: &mut Sink) -> Result<bool> {
+    for _ in 0..DRAIN_BATCH {
+        let Some(item) = events.next() else {
+            return Ok(true);
+        };
         if item.len() < std::mem::size_of::<StallRecord>() {
             tracing::warn!(len = item.len(), "ignoring a short ring-buffer record");
             continue;
@@ -304,6 +315,12 @@ fn drain(probe: &mut Probe, events: &mut RingBuf<MapData>, sink: &mut Sink) -> R
         let stacks = stall_stacks(probe, &mut sink.normalizer, &record.thread)?;
         sink.feed(Record::StallStacks(stacks))?;
     }
+    Ok(false)
+}
+
+/// Drains the ring buffer completely, for the last look before detaching.
+fn drain_all(probe: &mut Probe, events: &mut RingBuf<MapData>, sink: &mut Sink) -> Result<()> {
+    while !drain(probe, events, sink)? {}
     Ok(())
 }
 
