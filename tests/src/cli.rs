@@ -187,7 +187,7 @@ impl Running {
 
     /// Waits like [`Running::wait`], and meanwhile reads the IDs of the BPF programs that
     /// the process has open every 2 ms. Returns the status and every ID seen, so programs
-    /// that a short run loads and should free can be told from other tools' programs.
+    /// that a short run loads and should free can be distinguished from other tools' programs.
     pub fn wait_collecting_program_ids(
         &mut self,
         timeout: Duration,

@@ -688,8 +688,8 @@ fn cgroup_quota_is_throttled() {
     cgroup.add_process(workload.pid());
 
     // 100 ms of CPU time at 20 ms per 100 ms period takes 5 periods, so the handler lasts
-    // at least about 320 ms, most of it throttled (70% to 77% in runs on a quiet 2-CPU
-    // KVM guest with kernel 6.18).
+    // at least about 320 ms. Most of it is throttled: 70% to 77% in runs on a quiet
+    // 2-CPU KVM guest with kernel 6.18.
     let before = cgroup.throttle_stat();
     let run = record_command(test, &mut workload, "compute 100");
     let after = cgroup.throttle_stat();

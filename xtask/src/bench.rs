@@ -455,7 +455,7 @@ struct QuietWait {
     budget: Duration,
 }
 
-/// Longest wait before one sample, and over the whole benchmark.
+/// Maximum wait for other tracers to unload, before one sample and over the whole benchmark.
 const QUIET_WAIT_PER_SAMPLE: Duration = Duration::from_secs(60);
 const QUIET_WAIT_TOTAL: Duration = Duration::from_secs(300);
 

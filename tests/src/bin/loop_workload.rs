@@ -6,7 +6,7 @@
 //!
 //! - `spin MS`: busy-loop for MS ms of wall time in `spin_handler`.
 //! - `sleep MS`: `std::thread::sleep` for MS ms (the `clock_nanosleep` syscall in glibc).
-//! - `mutex MS`: a helper thread holds a `std::sync::Mutex` for MS ms while the loop
+//! - `mutex MS`: a helper thread keeps a `std::sync::Mutex` locked for MS ms while the loop
 //!   thread waits for it in a futex wait.
 //! - `contend MS N`: N spinner threads and the loop thread share one CPU until the loop
 //!   thread has used MS ms of its own CPU time, so most of the wall time is run-queue wait.
